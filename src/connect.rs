@@ -1,0 +1,307 @@
+//! CONNECT: policy first, then dial the upstream (within the connect timeout), and only then
+//! answer `200`, so a client never gets a dead tunnel. Then either relay bytes (tunnel) or
+//! terminate TLS and serve the requests inside (intercept).
+//!
+//! A tunnel peeks at the client's first bytes: a TLS ClientHello whose SNI names another host
+//! than the CONNECT target closes the tunnel (`sni_mismatch`), so an allowed name cannot be used
+//! as a front for another destination.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::body::{self, Body};
+use crate::error::ProxyError;
+use crate::forward::precheck;
+use crate::policy::{self, normalize_host, Host, RequestFacts};
+use crate::server::{ConnCtx, Snapshot};
+
+/// Serves one CONNECT request.
+pub async fn handle(ctx: &ConnCtx, snap: &Snapshot, mut req: Request<Incoming>) -> Response<Body> {
+    let (host, port, upstream) = match open(ctx, snap, &req).await {
+        Ok(opened) => opened,
+        Err(err) => {
+            tracing::debug!(peer = %ctx.peer, error = %err, "CONNECT refused");
+            return err.to_response();
+        }
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let tunnel_ctx = ctx.clone();
+    let limits = snap.config.limits.clone();
+    let stop = ctx.state.hard_stop.clone();
+    ctx.state.tunnels.spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "CONNECT upgrade failed");
+                return;
+            }
+        };
+        let relay = relay(
+            TokioIo::new(upgraded),
+            upstream,
+            &host,
+            limits.idle_timeout,
+            limits.header_read_timeout,
+        );
+        let outcome = tokio::select! {
+            outcome = relay => outcome,
+            () = stop.cancelled() => return,
+        };
+        tracing::debug!(
+            peer = %tunnel_ctx.peer,
+            host = %host,
+            port,
+            up = outcome.bytes_up,
+            down = outcome.bytes_down,
+            end = outcome.end.as_str(),
+            "tunnel closed"
+        );
+    });
+    let mut response = Response::new(body::empty());
+    *response.status_mut() = StatusCode::OK;
+    response
+}
+
+/// Policy, then dial. Returns the target and the connected upstream socket.
+async fn open(
+    ctx: &ConnCtx,
+    snap: &Snapshot,
+    req: &Request<Incoming>,
+) -> Result<(Host, u16, TcpStream), ProxyError> {
+    precheck(req.method(), req.headers())?;
+    let authority = req
+        .uri()
+        .authority()
+        .ok_or_else(|| ProxyError::BadRequest("CONNECT needs host:port".into()))?;
+    let port = authority
+        .port_u16()
+        .ok_or_else(|| ProxyError::BadRequest("CONNECT needs host:port".into()))?;
+    let host = Host::parse(authority.host())
+        .ok_or_else(|| ProxyError::BadRequest(format!("invalid host {:?}", authority.host())))?;
+    let facts = RequestFacts {
+        host: &host,
+        port,
+        method: None,
+        path: None,
+        client: &ctx.client,
+    };
+    let rule = policy::decide(&snap.config.rules, &facts).map_err(ProxyError::Denied)?;
+    if rule.intercepts() {
+        return Err(ProxyError::Unavailable {
+            host: host.to_string(),
+            reason: "TLS interception is not available in this build".into(),
+        });
+    }
+    let dialed = snap
+        .dialer
+        .dial(&host, port)
+        .await
+        .map_err(|e| ProxyError::from_dial(&host.to_string(), &e))?;
+    Ok((host, port, dialed.stream))
+}
+
+/// How a tunnel ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelEnd {
+    /// Both sides closed.
+    Closed,
+    /// Nothing moved for `idle_timeout`.
+    Idle,
+    /// The ClientHello named another host.
+    SniMismatch,
+    /// The first bytes looked like TLS but were not a valid ClientHello, or never completed.
+    BadClientHello,
+    /// A socket error.
+    Error,
+}
+
+impl TunnelEnd {
+    /// Name for logs and audit events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Idle => "idle_timeout",
+            Self::SniMismatch => "sni_mismatch",
+            Self::BadClientHello => "bad_client_hello",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// What a relay moved and how it ended.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayOutcome {
+    /// Client → upstream bytes.
+    pub bytes_up: u64,
+    /// Upstream → client bytes.
+    pub bytes_down: u64,
+    /// Why it ended.
+    pub end: TunnelEnd,
+}
+
+const RELAY_BUFFER_BYTES: usize = 16 * 1024;
+const MAX_CLIENT_HELLO_BYTES: usize = 64 * 1024;
+
+/// Relays bytes both ways until both sides close (a side's EOF is passed on as a write
+/// shutdown), an error, or `idle` passes with no byte in either direction. The client's first
+/// bytes are inspected for a ClientHello naming another host than `host`.
+pub async fn relay<C, U>(
+    client: C,
+    upstream: U,
+    host: &Host,
+    idle: Duration,
+    hello_timeout: Duration,
+) -> RelayOutcome
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let start = Instant::now();
+    let last_activity = AtomicU64::new(0);
+    let up_bytes = AtomicU64::new(0);
+    let down_bytes = AtomicU64::new(0);
+    let (mut client_read, mut client_write) = tokio::io::split(client);
+    let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
+
+    let up = async {
+        let first = match tokio::time::timeout(hello_timeout, inspect_first_bytes(&mut client_read, host)).await {
+            Ok(Ok(first)) => first,
+            Ok(Err(end)) => return Err(end),
+            Err(_) => return Err(TunnelEnd::BadClientHello),
+        };
+        if !first.is_empty() {
+            upstream_write.write_all(&first).await.map_err(|_| TunnelEnd::Error)?;
+            up_bytes.fetch_add(first.len() as u64, Ordering::Relaxed);
+            touch(&last_activity, start);
+        }
+        pump(&mut client_read, &mut upstream_write, &up_bytes, &last_activity, start).await
+    };
+    let down = pump(&mut upstream_read, &mut client_write, &down_bytes, &last_activity, start);
+    let idle_watch = async {
+        loop {
+            let last = Duration::from_millis(last_activity.load(Ordering::Relaxed));
+            let deadline = start + last + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    };
+    let end = tokio::select! {
+        result = async { tokio::try_join!(up, down) } => match result {
+            Ok(_) => TunnelEnd::Closed,
+            Err(end) => end,
+        },
+        () = idle_watch => TunnelEnd::Idle,
+    };
+    RelayOutcome {
+        bytes_up: up_bytes.load(Ordering::Relaxed),
+        bytes_down: down_bytes.load(Ordering::Relaxed),
+        end,
+    }
+}
+
+fn touch(last: &AtomicU64, start: Instant) {
+    let ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+    last.store(ms, Ordering::Relaxed);
+}
+
+async fn pump<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    counter: &AtomicU64,
+    last: &AtomicU64,
+    start: Instant,
+) -> Result<(), TunnelEnd>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; RELAY_BUFFER_BYTES];
+    loop {
+        let n = reader.read(&mut buf).await.map_err(|_| TunnelEnd::Error)?;
+        if n == 0 {
+            // Pass the EOF on; the other direction keeps flowing until its side closes too.
+            let _ = writer.shutdown().await;
+            return Ok(());
+        }
+        writer.write_all(&buf[..n]).await.map_err(|_| TunnelEnd::Error)?;
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        touch(last, start);
+    }
+}
+
+/// Reads the client's first bytes. Not TLS: returned as they are. TLS: read until the whole
+/// ClientHello is in, then compare its SNI with the CONNECT host. Returns the bytes to forward.
+async fn inspect_first_bytes<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    host: &Host,
+) -> Result<BytesMut, TunnelEnd> {
+    let mut buf = BytesMut::with_capacity(4096);
+    let n = reader.read_buf(&mut buf).await.map_err(|_| TunnelEnd::Error)?;
+    if n == 0 || buf[0] != 0x16 {
+        return Ok(buf);
+    }
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut fed = 0;
+    loop {
+        let mut unread = &buf[fed..];
+        while !unread.is_empty() {
+            let taken = acceptor
+                .read_tls(&mut unread)
+                .map_err(|_| TunnelEnd::BadClientHello)?;
+            if taken == 0 {
+                break;
+            }
+        }
+        fed = buf.len();
+        match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                let sni = accepted.client_hello().server_name().map(str::to_owned);
+                return match sni {
+                    Some(name) if !sni_matches(&name, host) => Err(TunnelEnd::SniMismatch),
+                    _ => Ok(buf),
+                };
+            }
+            Ok(None) => {}
+            Err(_) => return Err(TunnelEnd::BadClientHello),
+        }
+        if buf.len() >= MAX_CLIENT_HELLO_BYTES {
+            return Err(TunnelEnd::BadClientHello);
+        }
+        let n = reader.read_buf(&mut buf).await.map_err(|_| TunnelEnd::Error)?;
+        if n == 0 {
+            return Err(TunnelEnd::BadClientHello);
+        }
+    }
+}
+
+/// Whether a ClientHello's SNI names the CONNECT host.
+pub fn sni_matches(sni: &str, host: &Host) -> bool {
+    match (normalize_host(sni), host) {
+        (Some(sni), Host::Name(name)) => &sni == name,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sni_comparison_normalises() {
+        let h = Host::parse("api.example.com").unwrap();
+        assert!(sni_matches("API.example.com.", &h));
+        assert!(!sni_matches("evil.example.com", &h));
+        let ip = Host::parse("192.0.2.1").unwrap();
+        assert!(!sni_matches("api.example.com", &ip));
+    }
+}

@@ -1,0 +1,289 @@
+//! Credentials: where secrets come from (`{ env }`, `{ file }`, `{ value }`), how they are held
+//! (zeroized on drop, redacted in `Debug`), and the header each credential puts on a request.
+//!
+//! A secret's value leaves this module only as a sensitive [`HeaderValue`] for injection or
+//! through [`Secret::expose`] for the audit masker; every error names the source, never the value.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use http::{HeaderName, HeaderValue};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+/// Where a secret is read from.
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum SecretSource {
+    /// An environment variable.
+    Env(String),
+    /// A file; trailing CR/LF are trimmed. Relative to the config file's folder.
+    File(PathBuf),
+    /// A literal (tests only; `check` warns).
+    Value(String),
+}
+
+impl fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Env(var) => write!(f, "env:{var}"),
+            Self::File(path) => write!(f, "file:{}", path.display()),
+            Self::Value(_) => f.write_str("value:<HIDDEN>"),
+        }
+    }
+}
+
+/// Reading a secret failed. Names the variable or file, never a value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecretError {
+    /// The variable is unset (or not unicode).
+    #[error("environment variable {0} is not set")]
+    MissingEnv(String),
+    /// The file cannot be read.
+    #[error("cannot read secret file {path}: {reason}")]
+    File {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        reason: String,
+    },
+    /// The source yielded an empty value.
+    #[error("{0} is empty")]
+    Empty(String),
+    /// The value cannot go into an HTTP header (control characters).
+    #[error("{0} contains characters that cannot be sent in an HTTP header")]
+    NotHeaderSafe(String),
+}
+
+/// A secret value: zeroized when dropped, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Zeroizing<String>);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<HIDDEN>)")
+    }
+}
+
+impl Secret {
+    /// The value itself, for building the injected header and for the audit masker.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl SecretSource {
+    /// Resolves the source, with relative files taken from `base`.
+    pub fn resolve(&self, base: &Path) -> Result<Secret, SecretError> {
+        let (value, what) = match self {
+            Self::Env(var) => (
+                Zeroizing::new(
+                    std::env::var(var).map_err(|_| SecretError::MissingEnv(var.clone()))?,
+                ),
+                format!("environment variable {var}"),
+            ),
+            Self::File(path) => {
+                let full = base.join(path);
+                let raw = std::fs::read_to_string(&full).map_err(|e| SecretError::File {
+                    path: full.display().to_string(),
+                    reason: e.kind().to_string(),
+                })?;
+                let mut raw = Zeroizing::new(raw);
+                let trimmed_len = raw.trim_end_matches(['\r', '\n']).len();
+                raw.truncate(trimmed_len);
+                (raw, format!("secret file {}", full.display()))
+            }
+            Self::Value(v) => (Zeroizing::new(v.clone()), "literal value".to_owned()),
+        };
+        if value.is_empty() {
+            return Err(SecretError::Empty(what));
+        }
+        if value.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
+            return Err(SecretError::NotHeaderSafe(what));
+        }
+        Ok(Secret(value))
+    }
+
+    /// The secret file this source reads, if any (watched for rotation).
+    pub fn file(&self) -> Option<&Path> {
+        match self {
+            Self::File(p) => Some(p),
+            _ => None,
+        }
+    }
+}
+
+/// A `[credentials.NAME]` entry as written.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum CredentialSpec {
+    /// `Authorization: Bearer <secret>`.
+    Bearer(SecretSource),
+    /// `Authorization: Basic base64(username:password)`.
+    Basic {
+        /// Not secret.
+        username: String,
+        /// The password.
+        password: SecretSource,
+    },
+    /// `<name>: <prefix><secret>`.
+    Header {
+        /// Header name.
+        name: String,
+        /// Optional prefix, e.g. `"token "`.
+        #[serde(default)]
+        prefix: Option<String>,
+        /// The secret.
+        value: SecretSource,
+    },
+}
+
+impl CredentialSpec {
+    /// The secret source and its key under the credential, for error paths.
+    pub fn source(&self) -> (&SecretSource, &'static str) {
+        match self {
+            Self::Bearer(s) => (s, "bearer"),
+            Self::Basic { password, .. } => (password, "basic.password"),
+            Self::Header { value, .. } => (value, "header.value"),
+        }
+    }
+
+    /// The header this credential sets.
+    pub fn header_name(&self) -> Result<HeaderName, http::header::InvalidHeaderName> {
+        match self {
+            Self::Bearer(_) | Self::Basic { .. } => Ok(http::header::AUTHORIZATION),
+            Self::Header { name, .. } => HeaderName::from_bytes(name.as_bytes()),
+        }
+    }
+}
+
+/// A credential ready to inject: header name and sensitive value, plus the raw secret for masking.
+#[derive(Clone)]
+pub struct Credential {
+    /// The credential's name (`[credentials.NAME]`).
+    pub name: String,
+    /// The header it sets (client-sent headers of this name are removed first).
+    pub header: HeaderName,
+    /// The full header value, marked sensitive (never logged by hyper, never HPACK-indexed).
+    pub value: HeaderValue,
+    /// The resolved secret (masking searches audit events for it).
+    pub secret: Secret,
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credential")
+            .field("name", &self.name)
+            .field("header", &self.header)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Building a credential failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CredentialError {
+    /// The secret could not be read.
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    /// The configured header name is not a valid HTTP header name.
+    #[error("invalid header name {0:?}")]
+    HeaderName(String),
+    /// The username or prefix is not header-safe.
+    #[error("{0} contains characters that cannot be sent in an HTTP header")]
+    NotHeaderSafe(&'static str),
+}
+
+impl Credential {
+    /// Resolves `spec`'s secret and builds the header it injects.
+    pub fn build(name: &str, spec: &CredentialSpec, base: &Path) -> Result<Self, CredentialError> {
+        let header = spec.header_name().map_err(|_| match spec {
+            CredentialSpec::Header { name, .. } => CredentialError::HeaderName(name.clone()),
+            _ => CredentialError::HeaderName("authorization".into()),
+        })?;
+        let (source, _) = spec.source();
+        let secret = source.resolve(base)?;
+        let text = Zeroizing::new(match spec {
+            CredentialSpec::Bearer(_) => format!("Bearer {}", secret.expose()),
+            CredentialSpec::Basic { username, .. } => {
+                if username.contains(':') || username.bytes().any(|b| b.is_ascii_control()) {
+                    return Err(CredentialError::NotHeaderSafe("basic.username"));
+                }
+                let pair = Zeroizing::new(format!("{username}:{}", secret.expose()));
+                format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(pair.as_bytes())
+                )
+            }
+            CredentialSpec::Header { prefix, .. } => {
+                format!("{}{}", prefix.as_deref().unwrap_or(""), secret.expose())
+            }
+        });
+        let mut value = HeaderValue::from_str(&text)
+            .map_err(|_| CredentialError::NotHeaderSafe("header.prefix"))?;
+        value.set_sensitive(true);
+        Ok(Self {
+            name: name.to_owned(),
+            header,
+            value,
+            secret,
+        })
+    }
+}
+
+/// All resolved credentials of a snapshot, by name.
+pub type Credentials = BTreeMap<String, Credential>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_values() {
+        let src = SecretSource::Value("hunter2-canary".into());
+        assert!(!format!("{src:?}").contains("hunter2"));
+        let secret = src.resolve(Path::new(".")).unwrap();
+        assert!(!format!("{secret:?}").contains("hunter2"));
+        let cred = Credential::build("x", &CredentialSpec::Bearer(src), Path::new(".")).unwrap();
+        assert!(!format!("{cred:?}").contains("hunter2"));
+        assert!(cred.value.is_sensitive());
+    }
+
+    #[test]
+    fn kinds_build_their_headers() {
+        let base = Path::new(".");
+        let bearer = CredentialSpec::Bearer(SecretSource::Value("t0k".into()));
+        let c = Credential::build("gh", &bearer, base).unwrap();
+        assert_eq!(c.header, http::header::AUTHORIZATION);
+        assert_eq!(c.value, "Bearer t0k");
+        let basic = CredentialSpec::Basic {
+            username: "svc".into(),
+            password: SecretSource::Value("pw".into()),
+        };
+        let c = Credential::build("nexus", &basic, base).unwrap();
+        assert_eq!(c.value, "Basic c3ZjOnB3");
+        let header = CredentialSpec::Header {
+            name: "X-API-Key".into(),
+            prefix: Some("token ".into()),
+            value: SecretSource::Value("k".into()),
+        };
+        let c = Credential::build("api", &header, base).unwrap();
+        assert_eq!(c.header.as_str(), "x-api-key");
+        assert_eq!(c.value, "token k");
+    }
+
+    #[test]
+    fn files_are_trimmed_and_missing_sources_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pw"), "s3cret\r\n\n").unwrap();
+        let s = SecretSource::File("pw".into()).resolve(dir.path()).unwrap();
+        assert_eq!(s.expose(), "s3cret");
+        let err = SecretSource::File("nope".into()).resolve(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+        let err = SecretSource::Env("PORTCULLIS_TEST_SURELY_UNSET".into())
+            .resolve(dir.path())
+            .unwrap_err();
+        assert_eq!(err.to_string(), "environment variable PORTCULLIS_TEST_SURELY_UNSET is not set");
+    }
+}

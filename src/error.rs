@@ -1,0 +1,277 @@
+//! The one place that turns a failed request into a response the proxy makes itself.
+//!
+//! Every generated response carries the status from spec §6, a one-line `text/plain` body naming
+//! the host and the reason, and an RFC 9209 `Proxy-Status` header. Nothing here ever formats a
+//! secret: the details are built from host names, addresses and policy reasons only.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::body::{self, Body};
+use crate::net::{DialError, Prohibited, ResolveError};
+use crate::policy::Denial;
+
+/// Why the proxy answered a request itself instead of relaying the upstream's answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The request could not be understood (bad target, bad header, …).
+    #[error("malformed request: {0}")]
+    BadRequest(String),
+    /// An origin-form request (`GET /`) sent to the proxy port as if it were a web server.
+    #[error("this is a forward proxy: send absolute-form requests (GET http://host/path) or CONNECT")]
+    OriginForm,
+    /// TRACE / TRACK are never relayed: they reflect headers, injected credentials included.
+    #[error("method {0} is not allowed through the proxy")]
+    MethodNotAllowed(String),
+    /// Policy said no: no rule matches, or the method / path / port / scheme is not allowed.
+    #[error("{0}")]
+    Denied(Denial),
+    /// The destination resolved to an address that destination safety (§5) refuses.
+    #[error("host {host} resolves to {addr}, which is prohibited ({why})")]
+    Prohibited {
+        /// The host the client asked for.
+        host: String,
+        /// The offending address.
+        addr: std::net::IpAddr,
+        /// Which range it falls in.
+        why: Prohibited,
+    },
+    /// The destination name does not resolve.
+    #[error("host {host} could not be resolved: {source}")]
+    Dns {
+        /// The host the client asked for.
+        host: String,
+        /// Resolver failure.
+        source: ResolveError,
+    },
+    /// TCP connect failed (refused, unreachable).
+    #[error("host {host} is unavailable: {reason}")]
+    Unavailable {
+        /// The host the client asked for.
+        host: String,
+        /// Short human reason ("connection refused to 1.2.3.4:443").
+        reason: String,
+    },
+    /// The upstream's TLS certificate did not verify, or its handshake failed.
+    #[error("host {host} failed TLS verification: {reason}")]
+    UpstreamTls {
+        /// The host the client asked for.
+        host: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Connect or response timeout.
+    #[error("host {host} timed out ({stage})")]
+    Timeout {
+        /// The host the client asked for.
+        host: String,
+        /// "connect" or "response".
+        stage: &'static str,
+    },
+    /// Over `limits.max_connections`.
+    #[error("the proxy is at its connection limit")]
+    Overloaded,
+    /// Shutting down.
+    #[error("the proxy is shutting down")]
+    Draining,
+    /// The request already went through this proxy.
+    #[error("request loop detected: the request already passed through portcullis")]
+    Loop,
+    /// An intercepted request names another host than its tunnel.
+    #[error("host {inner} does not match the tunnel's host {tunnel}")]
+    Misdirected {
+        /// Host / :authority of the inner request.
+        inner: String,
+        /// The CONNECT target.
+        tunnel: String,
+    },
+}
+
+impl ProxyError {
+    /// The HTTP status spec §6 assigns.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) | Self::OriginForm => StatusCode::BAD_REQUEST,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Denied(_) | Self::Prohibited { .. } => StatusCode::FORBIDDEN,
+            Self::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
+            Self::Dns { .. } | Self::Unavailable { .. } | Self::UpstreamTls { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            Self::Overloaded | Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::Loop => StatusCode::LOOP_DETECTED,
+        }
+    }
+
+    /// The RFC 9209 error type for `Proxy-Status`.
+    pub fn proxy_status_error(&self) -> &'static str {
+        match self {
+            Self::BadRequest(_) | Self::OriginForm => "http_request_error",
+            Self::MethodNotAllowed(_) | Self::Denied(_) | Self::Misdirected { .. } => {
+                "http_request_denied"
+            }
+            Self::Prohibited { .. } => "destination_ip_prohibited",
+            Self::Dns { .. } => "dns_error",
+            Self::Unavailable { .. } => "destination_unavailable",
+            Self::UpstreamTls { .. } => "tls_certificate_error",
+            Self::Timeout { .. } => "connection_timeout",
+            Self::Overloaded | Self::Draining => "proxy_internal_error",
+            Self::Loop => "proxy_loop_detected",
+        }
+    }
+
+    /// A short machine-friendly reason, used as the audit `reason` and the denial metric label.
+    pub fn reason_code(&self) -> &'static str {
+        match self {
+            Self::BadRequest(_) => "bad_request",
+            Self::OriginForm => "origin_form",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::Denied(d) => d.code(),
+            Self::Prohibited { .. } => "destination_prohibited",
+            Self::Dns { .. } => "dns_error",
+            Self::Unavailable { .. } => "destination_unavailable",
+            Self::UpstreamTls { .. } => "upstream_tls",
+            Self::Timeout { .. } => "timeout",
+            Self::Overloaded => "overloaded",
+            Self::Draining => "draining",
+            Self::Loop => "loop",
+            Self::Misdirected { .. } => "misdirected",
+        }
+    }
+
+    /// Builds the response the client sees.
+    pub fn to_response(&self) -> Response<Body> {
+        let details = self.to_string();
+        let mut response = Response::new(body::full(Bytes::from(format!("{details}\n"))));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        headers.insert(
+            "proxy-status",
+            proxy_status_value(self.proxy_status_error(), &details),
+        );
+        if matches!(self, Self::Overloaded | Self::Draining) {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+
+    /// Maps a resolution / dial failure for `host` to its response class.
+    pub fn from_dial(host: &str, err: &DialError) -> Self {
+        let host = host.to_owned();
+        match err {
+            DialError::Resolve(source) => Self::Dns {
+                host,
+                source: source.clone(),
+            },
+            DialError::Prohibited { addr, why } => Self::Prohibited {
+                host,
+                addr: *addr,
+                why: *why,
+            },
+            DialError::Timeout => Self::Timeout {
+                host,
+                stage: "connect",
+            },
+            DialError::Connect { addr, source } => Self::Unavailable {
+                host,
+                reason: connect_reason(*addr, source),
+            },
+        }
+    }
+}
+
+fn connect_reason(addr: SocketAddr, err: &std::io::Error) -> String {
+    match err.kind() {
+        std::io::ErrorKind::ConnectionRefused => format!("connection refused by {addr}"),
+        std::io::ErrorKind::ConnectionReset => format!("connection reset by {addr}"),
+        _ => format!("cannot connect to {addr}: {err}"),
+    }
+}
+
+/// Formats `portcullis; error=<type>; details="<text>"` with the details as a valid sf-string.
+pub fn proxy_status_value(error: &str, details: &str) -> HeaderValue {
+    let escaped: String = details
+        .chars()
+        .filter(|c| c.is_ascii() && !c.is_ascii_control())
+        .flat_map(|c| match c {
+            '"' | '\\' => vec!['\\', c],
+            _ => vec![c],
+        })
+        .collect();
+    let value = format!("portcullis; error={error}; details=\"{escaped}\"");
+    HeaderValue::from_str(&value)
+        .unwrap_or_else(|_| HeaderValue::from_static("portcullis; error=proxy_internal_error"))
+}
+
+/// A complete HTTP/1.1 response written straight to a socket that hyper never saw (used when
+/// refusing a connection before serving it: over the connection limit, or draining).
+pub fn raw_refusal(err: &ProxyError) -> Vec<u8> {
+    let details = err.to_string();
+    let status = err.status();
+    let body = format!("{details}\n");
+    let proxy_status = proxy_status_value(err.proxy_status_error(), &details);
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\nproxy-status: ",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(proxy_status.as_bytes());
+    out.extend_from_slice(b"\r\n\r\n");
+    out.extend_from_slice(body.as_bytes());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_status_escapes_quotes_and_drops_controls() {
+        let v = proxy_status_value("http_request_denied", "a \"b\" \\ c\r\nd");
+        assert_eq!(
+            v.to_str().unwrap(),
+            r#"portcullis; error=http_request_denied; details="a \"b\" \\ cd""#
+        );
+    }
+
+    #[test]
+    fn every_error_maps_to_spec_status() {
+        let cases: Vec<(ProxyError, u16, &str)> = vec![
+            (ProxyError::OriginForm, 400, "http_request_error"),
+            (ProxyError::MethodNotAllowed("TRACE".into()), 405, "http_request_denied"),
+            (ProxyError::Loop, 508, "proxy_loop_detected"),
+            (ProxyError::Overloaded, 503, "proxy_internal_error"),
+            (
+                ProxyError::Timeout { host: "h".into(), stage: "connect" },
+                504,
+                "connection_timeout",
+            ),
+            (
+                ProxyError::Misdirected { inner: "a".into(), tunnel: "b".into() },
+                421,
+                "http_request_denied",
+            ),
+        ];
+        for (err, status, kind) in cases {
+            assert_eq!(err.status().as_u16(), status, "{err}");
+            assert_eq!(err.proxy_status_error(), kind, "{err}");
+        }
+    }
+
+    #[test]
+    fn raw_refusal_is_a_parseable_response() {
+        let raw = String::from_utf8(raw_refusal(&ProxyError::Overloaded)).unwrap();
+        assert!(raw.starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
+        assert!(raw.contains("proxy-status: portcullis; error=proxy_internal_error"));
+        assert!(raw.ends_with("the proxy is at its connection limit\n"));
+    }
+}

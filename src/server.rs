@@ -1,0 +1,340 @@
+//! Listeners, connection limits and lifecycle.
+//!
+//! A request's path starts here: accept → connection slot (503 beyond `max_connections`) →
+//! HTTP/1.1 with a header-read deadline → [`dispatch`] → CONNECT ([`crate::connect`]) or plain
+//! forwarding ([`crate::forward`]). Each request takes the configuration snapshot current when it
+//! arrives and keeps it to the end, so a reload never changes a request midway.
+//!
+//! Shutdown (§9): stop accepting, report not-ready, let in-flight requests and tunnels finish for
+//! up to `shutdown_grace_seconds`, then cut what is left.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::{Method, Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::body::Body;
+use crate::config::Config;
+use crate::error::{raw_refusal, ProxyError};
+use crate::net::Dialer;
+use crate::upstream::{self, HttpClient};
+use crate::{admin, connect, forward};
+
+/// Everything built from one configuration: swapped whole on reload, never rebuilt per request.
+pub struct Snapshot {
+    /// The validated configuration.
+    pub config: Arc<Config>,
+    /// Resolver + destination safety + dialer.
+    pub dialer: Dialer,
+    /// Pooled plain-http upstream client.
+    pub http: HttpClient,
+}
+
+impl Snapshot {
+    /// Builds the runtime objects of `config`.
+    pub fn build(config: Config, own_listeners: Arc<[SocketAddr]>) -> Self {
+        let dialer = Dialer::new(
+            config.network.clone(),
+            own_listeners,
+            config.limits.connect_timeout,
+        );
+        Self {
+            http: upstream::http_client(dialer.clone()),
+            dialer,
+            config: Arc::new(config),
+        }
+    }
+}
+
+/// Process-wide state shared by every connection.
+pub struct State {
+    snapshot: ArcSwap<Snapshot>,
+    /// The proxy's own bound listeners (never a destination).
+    pub own_listeners: Arc<[SocketAddr]>,
+    /// Set once shutdown begins: `/readyz` answers 503 and new requests get 503.
+    pub draining: AtomicBool,
+    /// Connections and tunnels, awaited on shutdown.
+    pub tunnels: TaskTracker,
+    /// Cancelled when shutdown begins (connections finish their current request, then close).
+    pub drain: CancellationToken,
+    /// Cancelled when the grace period is over: whatever still runs is cut.
+    pub hard_stop: CancellationToken,
+    connections: Arc<Semaphore>,
+}
+
+impl State {
+    /// The current configuration snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// What a request handler knows about its connection.
+#[derive(Clone)]
+pub struct ConnCtx {
+    /// Shared state.
+    pub state: Arc<State>,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The client identity (`anonymous` without `[[clients]]`).
+    pub client: Arc<str>,
+    /// The connection's slot; a tunnel holds it for as long as it lives.
+    _slot: Arc<OwnedSemaphorePermit>,
+}
+
+/// Starting the proxy failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The supervisor task failed.
+    #[error("proxy task failed: {0}")]
+    Task(String),
+}
+
+/// A running proxy.
+pub struct ProxyHandle {
+    /// Where the proxy listener is bound.
+    pub proxy_addr: SocketAddr,
+    /// Where the admin listener is bound.
+    pub admin_addr: SocketAddr,
+    state: Arc<State>,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl ProxyHandle {
+    /// Begins graceful shutdown.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Shared state (tests and the admin listener read it).
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+
+    /// Waits until the proxy has stopped.
+    pub async fn wait(self) -> Result<(), ServerError> {
+        self.task.await.map_err(|e| ServerError::Task(e.to_string()))
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })
+}
+
+/// Binds both listeners and starts serving `config`.
+pub async fn start(config: Config) -> Result<ProxyHandle, ServerError> {
+    let proxy_listener = bind(config.listen.proxy).await?;
+    let admin_listener = bind(config.listen.admin).await?;
+    let proxy_addr = proxy_listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind { addr: config.listen.proxy, source })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind { addr: config.listen.admin, source })?;
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
+    let own: Arc<[SocketAddr]> = Arc::from(vec![proxy_addr, admin_addr]);
+    let max_connections = config.limits.max_connections;
+    let grace = config.limits.shutdown_grace;
+    let state = Arc::new(State {
+        snapshot: ArcSwap::from_pointee(Snapshot::build(config, own.clone())),
+        own_listeners: own,
+        draining: AtomicBool::new(false),
+        tunnels: TaskTracker::new(),
+        drain: CancellationToken::new(),
+        hard_stop: CancellationToken::new(),
+        connections: Arc::new(Semaphore::new(max_connections)),
+    });
+    tracing::info!(%proxy_addr, %admin_addr, "portcullis listening");
+
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(supervise(
+        state.clone(),
+        proxy_listener,
+        admin_listener,
+        shutdown.clone(),
+        grace,
+    ));
+    Ok(ProxyHandle {
+        proxy_addr,
+        admin_addr,
+        state,
+        shutdown,
+        task,
+    })
+}
+
+/// Runs until SIGTERM or SIGINT, then shuts down gracefully.
+pub async fn run(config: Config) -> Result<(), ServerError> {
+    let handle = start(config).await?;
+    wait_for_stop_signal().await;
+    tracing::info!("shutdown requested: draining");
+    handle.shutdown();
+    handle.wait().await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+#[cfg(unix)]
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_stop_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn supervise(
+    state: Arc<State>,
+    proxy: TcpListener,
+    admin: TcpListener,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    let admin_task = tokio::spawn(admin::serve(state.clone(), admin, state.hard_stop.clone()));
+    tokio::select! {
+        () = accept_loop(&state, &proxy) => {}
+        () = shutdown.cancelled() => {}
+    }
+    // Stop accepting (the listener closes), report not-ready, and ask every connection to
+    // finish its current request.
+    drop(proxy);
+    state.draining.store(true, Ordering::Relaxed);
+    state.drain.cancel();
+    state.tunnels.close();
+    let open = state.tunnels.len();
+    if open > 0 {
+        tracing::info!(open, grace_seconds = grace.as_secs(), "waiting for in-flight work");
+    }
+    if tokio::time::timeout(grace, state.tunnels.wait()).await.is_err() {
+        tracing::warn!(
+            open = state.tunnels.len(),
+            "grace period over: closing remaining connections and tunnels"
+        );
+    }
+    state.hard_stop.cancel();
+    state.tunnels.wait().await;
+    let _ = admin_task.await;
+}
+
+async fn accept_loop(state: &Arc<State>, listener: &TcpListener) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = state.connections.clone().try_acquire_owned() else {
+            tokio::spawn(refuse(stream, ProxyError::Overloaded));
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let ctx = ConnCtx {
+            state: state.clone(),
+            peer,
+            client: Arc::from("anonymous"),
+            _slot: Arc::new(slot),
+        };
+        state.tunnels.spawn(serve_connection(ctx, stream));
+    }
+}
+
+/// Answers a connection the proxy will not serve, without reading its request.
+async fn refuse(mut stream: TcpStream, err: ProxyError) {
+    let bytes = raw_refusal(&err);
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = stream.write_all(&bytes).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+async fn serve_connection(ctx: ConnCtx, stream: TcpStream) {
+    let state = ctx.state.clone();
+    let limits = state.snapshot().config.limits.clone();
+    let service = service_fn(move |req: Request<Incoming>| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(dispatch(&ctx, req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_header_size(limits.max_header_bytes)
+        .max_headers(256)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = state.drain.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                result = conn.as_mut() => result,
+                () = state.hard_stop.cancelled() => Ok(()),
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "client connection ended with an error");
+    }
+}
+
+/// Routes one request from the proxy listener.
+async fn dispatch(ctx: &ConnCtx, req: Request<Incoming>) -> Response<Body> {
+    if ctx.state.is_draining() {
+        return ProxyError::Draining.to_response();
+    }
+    let snap = ctx.state.snapshot();
+    if req.method() == Method::CONNECT {
+        connect::handle(ctx, &snap, req).await
+    } else {
+        forward::handle(ctx, &snap, req).await
+    }
+}

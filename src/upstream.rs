@@ -1,0 +1,145 @@
+//! Pooled upstream HTTP clients. Connections are opened by [`crate::net::Dialer`], so pooled or
+//! fresh, every upstream socket went to an address destination safety judged; the address is
+//! attached to each response as [`UpstreamAddr`] for the audit trail.
+//!
+//! Clients are built once per configuration snapshot, never per request.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use http::Uri;
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use crate::body::Body;
+use crate::net::{DialError, Dialer};
+use crate::policy::Host;
+
+/// The address an upstream response came from (in the response's extensions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamAddr(pub SocketAddr);
+
+/// Dials `http://host:port` URIs through the snapshot's [`Dialer`].
+#[derive(Debug, Clone)]
+pub struct Connector {
+    dialer: Dialer,
+}
+
+impl Connector {
+    /// A connector over `dialer`.
+    pub fn new(dialer: Dialer) -> Self {
+        Self { dialer }
+    }
+}
+
+/// A dialled upstream TCP connection that reports its peer address to the pool.
+#[derive(Debug)]
+pub struct UpstreamStream {
+    io: TokioIo<TcpStream>,
+    addr: SocketAddr,
+}
+
+impl Connection for UpstreamStream {
+    fn connected(&self) -> Connected {
+        Connected::new().extra(UpstreamAddr(self.addr))
+    }
+}
+
+impl Read for UpstreamStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl Write for UpstreamStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
+/// A URI the connector cannot dial (no host).
+#[derive(Debug, thiserror::Error)]
+#[error("upstream URI has no valid host")]
+pub struct NoHost;
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = UpstreamStream;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let dialer = self.dialer.clone();
+        Box::pin(async move {
+            let host = uri.host().and_then(Host::parse).ok_or(NoHost)?;
+            let default_port = if uri.scheme_str() == Some("https") { 443 } else { 80 };
+            let port = uri.port_u16().unwrap_or(default_port);
+            let dialed = dialer.dial(&host, port).await?;
+            Ok(UpstreamStream {
+                io: TokioIo::new(dialed.stream),
+                addr: dialed.addr,
+            })
+        })
+    }
+}
+
+/// The pooled client for plain-http upstreams.
+pub type HttpClient = Client<Connector, Body>;
+
+/// Builds the plain-http client of a snapshot.
+pub fn http_client(dialer: Dialer) -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(std::time::Duration::from_secs(90))
+        .build(Connector::new(dialer))
+}
+
+/// Finds the [`DialError`] behind a client error, if the failure was in dialling.
+pub fn dial_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a DialError> {
+    let mut source = Some(err);
+    while let Some(e) = source {
+        if let Some(dial) = e.downcast_ref::<DialError>() {
+            return Some(dial);
+        }
+        source = e.source();
+    }
+    None
+}
