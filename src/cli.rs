@@ -38,13 +38,20 @@ pub enum Command {
 pub enum CliError {
     /// The configuration is invalid.
     #[error("invalid configuration:\n{0}")]
-    Config(#[from] config::ConfigErrors),
+    Config(config::ConfigErrors),
     /// The proxy could not start or failed.
     #[error(transparent)]
     Server(#[from] server::ServerError),
     /// The async runtime could not start.
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
+}
+
+// Not `#[from]`: that would make the errors the *source* too, and `main` prints the chain.
+impl From<config::ConfigErrors> for CliError {
+    fn from(errors: config::ConfigErrors) -> Self {
+        Self::Config(errors)
+    }
 }
 
 /// Runs the parsed command line.

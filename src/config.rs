@@ -453,7 +453,10 @@ pub fn parse(text: &str, origin: Origin, base: &Path, env: bool) -> Result<Confi
             origin: origin_text,
             key: None,
             position,
-            message: format!("TOML syntax error: {}", e.message().trim()),
+            message: format!(
+                "TOML syntax error: {}",
+                e.message().trim().replace('\n', "; ")
+            ),
         }]));
     }
     let mut figment = Figment::new().merge(Toml::string(text));
@@ -465,9 +468,13 @@ pub fn parse(text: &str, origin: Origin, base: &Path, env: bool) -> Result<Confi
                 .split("__"),
         );
     }
-    let raw: RawConfig = figment
-        .extract()
-        .map_err(|e| ConfigErrors(e.into_iter().map(|e| figment_error(e, &origin_text)).collect()))?;
+    let raw: RawConfig = figment.extract().map_err(|e| {
+        ConfigErrors(
+            e.into_iter()
+                .map(|e| figment_error(e, &origin_text))
+                .collect(),
+        )
+    })?;
     validate(raw, origin, base)
 }
 
@@ -594,7 +601,10 @@ fn validate(raw: RawConfig, origin: Origin, base: &Path) -> Result<Config, Confi
     // [limits]
     let l = &raw.limits;
     for (key, value) in [
-        ("limits.header_read_timeout_seconds", l.header_read_timeout_seconds),
+        (
+            "limits.header_read_timeout_seconds",
+            l.header_read_timeout_seconds,
+        ),
         ("limits.connect_timeout_seconds", l.connect_timeout_seconds),
         ("limits.idle_timeout_seconds", l.idle_timeout_seconds),
     ] {
@@ -606,9 +616,12 @@ fn validate(raw: RawConfig, origin: Origin, base: &Path) -> Result<Config, Confi
         p.add("limits.max_connections", "must be at least 1");
     }
     if !(1024..=16 * 1024 * 1024).contains(&l.max_header_bytes) {
-        p.add("limits.max_header_bytes", "must be between 1024 and 16777216");
+        p.add(
+            "limits.max_header_bytes",
+            "must be between 1024 and 16777216",
+        );
     }
-    if raw.listen.proxy == raw.listen.admin {
+    if raw.listen.proxy == raw.listen.admin && raw.listen.proxy.port() != 0 {
         p.add("listen.admin", "must differ from listen.proxy");
     }
 
@@ -619,7 +632,10 @@ fn validate(raw: RawConfig, origin: Origin, base: &Path) -> Result<Config, Confi
             .filter_map(|(i, text)| match parse_net(text) {
                 Some(net) => Some(net),
                 None => {
-                    p.add(format!("{key}[{i}]"), format!("{text:?} is not a CIDR or an IP address"));
+                    p.add(
+                        format!("{key}[{i}]"),
+                        format!("{text:?} is not a CIDR or an IP address"),
+                    );
                     None
                 }
             })
@@ -633,7 +649,10 @@ fn validate(raw: RawConfig, origin: Origin, base: &Path) -> Result<Config, Confi
             Some(n) if !ips.is_empty() => {
                 resolve.insert(n, ips.clone());
             }
-            Some(_) => p.add(format!("network.resolve.{name}"), "needs at least one address"),
+            Some(_) => p.add(
+                format!("network.resolve.{name}"),
+                "needs at least one address",
+            ),
             None => p.add(format!("network.resolve.{name}"), "is not a valid DNS name"),
         }
     }
@@ -665,18 +684,30 @@ fn validate(raw: RawConfig, origin: Origin, base: &Path) -> Result<Config, Confi
     for (i, c) in raw.clients.iter().enumerate() {
         let key = format!("clients[{i}]");
         if c.name.is_empty() || c.name.contains(':') {
-            p.add(format!("{key}.name"), "must be non-empty and contain no ':'");
+            p.add(
+                format!("{key}.name"),
+                "must be non-empty and contain no ':'",
+            );
         } else if RESERVED_CLIENT_NAMES.contains(&c.name.as_str()) {
             p.add(format!("{key}.name"), format!("{:?} is reserved", c.name));
         } else if !client_names.insert(c.name.clone()) {
-            p.add(format!("{key}.name"), format!("client {:?} is defined twice", c.name));
+            p.add(
+                format!("{key}.name"),
+                format!("client {:?} is defined twice", c.name),
+            );
         }
-        let networks = cidrs(&format!("{key}.networks"), c.networks.as_deref().unwrap_or(&[]), &mut p);
+        let networks = cidrs(
+            &format!("{key}.networks"),
+            c.networks.as_deref().unwrap_or(&[]),
+            &mut p,
+        );
         if c.token.is_none() && networks.is_empty() {
             p.add(key.clone(), "needs a token or networks to identify it");
         }
         if let Some(SecretSource::Value(_)) = &c.token {
-            warnings.push(format!("{key}.token: a literal `value` secret is meant for tests"));
+            warnings.push(format!(
+                "{key}.token: a literal `value` secret is meant for tests"
+            ));
         }
         if let Some(file) = c.token.as_ref().and_then(SecretSource::file) {
             secret_files.push(base.join(file));
@@ -710,7 +741,10 @@ fn validate(raw: RawConfig, origin: Origin, base: &Path) -> Result<Config, Confi
         };
         let ports = h.ports.clone().unwrap_or_else(|| vec![80, 443]);
         if ports.is_empty() || ports.contains(&0) {
-            p.add(format!("{key}.ports"), "must list ports between 1 and 65535");
+            p.add(
+                format!("{key}.ports"),
+                "must list ports between 1 and 65535",
+            );
         }
         let methods = h.methods.as_ref().map(|ms| {
             ms.iter()
@@ -720,7 +754,10 @@ fn validate(raw: RawConfig, origin: Origin, base: &Path) -> Result<Config, Confi
                     match Method::from_bytes(upper.as_bytes()) {
                         Ok(method) if !upper.is_empty() => Some(method),
                         _ => {
-                            p.add(format!("{key}.methods[{j}]"), format!("{m:?} is not an HTTP method"));
+                            p.add(
+                                format!("{key}.methods[{j}]"),
+                                format!("{m:?} is not an HTTP method"),
+                            );
                             None
                         }
                     }
@@ -732,13 +769,19 @@ fn validate(raw: RawConfig, origin: Origin, base: &Path) -> Result<Config, Confi
             Some(globs) => {
                 for (j, g) in globs.iter().enumerate() {
                     if !g.starts_with('/') {
-                        p.add(format!("{key}.paths[{j}]"), format!("{g:?} must start with '/'"));
+                        p.add(
+                            format!("{key}.paths[{j}]"),
+                            format!("{g:?} must start with '/'"),
+                        );
                     }
                 }
                 match policy::compile_paths(globs) {
                     Ok(set) => Some(set),
                     Err(e) => {
-                        p.add(format!("{key}.paths"), format!("invalid glob: {}", e.kind()));
+                        p.add(
+                            format!("{key}.paths"),
+                            format!("invalid glob: {}", e.kind()),
+                        );
                         None
                     }
                 }
@@ -755,11 +798,16 @@ fn validate(raw: RawConfig, origin: Origin, base: &Path) -> Result<Config, Confi
         if let Some(cs) = &h.clients {
             for (j, c) in cs.iter().enumerate() {
                 if !client_names.contains(c) {
-                    p.add(format!("{key}.clients[{j}]"), format!("client {c:?} is not defined in [[clients]]"));
+                    p.add(
+                        format!("{key}.clients[{j}]"),
+                        format!("client {c:?} is not defined in [[clients]]"),
+                    );
                 }
             }
         }
-        if h.intercept == Intercept::Never && (h.credential.is_some() || h.methods.is_some() || h.paths.is_some()) {
+        if h.intercept == Intercept::Never
+            && (h.credential.is_some() || h.methods.is_some() || h.paths.is_some())
+        {
             warnings.push(format!(
                 "{key}: intercept = \"never\" with a credential, methods or paths: HTTPS through a tunnel is not inspected, so these apply to plain http only"
             ));
@@ -813,7 +861,12 @@ fn validate(raw: RawConfig, origin: Origin, base: &Path) -> Result<Config, Confi
             ca_cert: base.join(&raw.tls.ca_cert),
             ca_key: base.join(&raw.tls.ca_key),
             upstream_roots: raw.tls.upstream_roots,
-            extra_upstream_ca: raw.tls.extra_upstream_ca.iter().map(|f| base.join(f)).collect(),
+            extra_upstream_ca: raw
+                .tls
+                .extra_upstream_ca
+                .iter()
+                .map(|f| base.join(f))
+                .collect(),
         },
         network: Arc::new(NetworkPolicy {
             allow_private: raw.network.allow_private,
@@ -853,15 +906,28 @@ impl Config {
             out.push('\n');
         };
         push(&mut out, format!("config: {} (valid)", self.origin));
-        push(&mut out, format!("listen: proxy {} admin {}", self.listen.proxy, self.listen.admin));
-        push(&mut out, format!("policy mode: {:?}", self.mode).to_lowercase());
+        push(
+            &mut out,
+            format!(
+                "listen: proxy {} admin {}",
+                self.listen.proxy, self.listen.admin
+            ),
+        );
+        push(
+            &mut out,
+            format!("policy mode: {:?}", self.mode).to_lowercase(),
+        );
         push(&mut out, format!("host rules ({}):", self.rules.len()));
         for r in &self.rules {
             let mut line = format!(
                 "  {} ports {:?} {}",
                 r.name,
                 r.ports,
-                if r.intercepts() { "intercept" } else { "tunnel" }
+                if r.intercepts() {
+                    "intercept"
+                } else {
+                    "tunnel"
+                }
             );
             if let Some(c) = &r.credential {
                 line.push_str(&format!(" credential={c}"));
@@ -879,9 +945,15 @@ impl Config {
             push(&mut out, line);
         }
         let names: Vec<&str> = self.credentials.keys().map(String::as_str).collect();
-        push(&mut out, format!("credentials ({}): {}", names.len(), names.join(", ")));
+        push(
+            &mut out,
+            format!("credentials ({}): {}", names.len(), names.join(", ")),
+        );
         if self.clients.is_empty() {
-            push(&mut out, "clients: none (every connection is `anonymous`)".into());
+            push(
+                &mut out,
+                "clients: none (every connection is `anonymous`)".into(),
+            );
         } else {
             push(&mut out, format!("clients ({}):", self.clients.len()));
             for c in &self.clients {
@@ -909,7 +981,12 @@ mod tests {
     use super::*;
 
     fn parse_str(text: &str) -> Result<Config, ConfigErrors> {
-        parse(text, Origin::File("test.toml".into()), Path::new("/etc/portcullis"), false)
+        parse(
+            text,
+            Origin::File("test.toml".into()),
+            Path::new("/etc/portcullis"),
+            false,
+        )
     }
 
     #[test]
@@ -931,8 +1008,15 @@ mod tests {
     #[test]
     fn unknown_keys_are_named_with_their_path() {
         let err = parse_str("[limits]\nmax_conections = 5\n").unwrap_err();
-        assert_eq!(err.0[0].key.as_deref(), Some("limits.max_conections"), "{err}");
-        let err = parse_str("[[hosts]]\nhost = \"a.example\"\n[[hosts]]\nhost = \"b.example\"\nport = [1]\n").unwrap_err();
+        assert_eq!(
+            err.0[0].key.as_deref(),
+            Some("limits.max_conections"),
+            "{err}"
+        );
+        let err = parse_str(
+            "[[hosts]]\nhost = \"a.example\"\n[[hosts]]\nhost = \"b.example\"\nport = [1]\n",
+        )
+        .unwrap_err();
         assert_eq!(err.0[0].key.as_deref(), Some("hosts[1].port"), "{err}");
     }
 
@@ -977,14 +1061,21 @@ ports = []
 
     #[test]
     fn relative_paths_follow_the_config_folder() {
-        let c = parse_str("[tls]\nca_cert = \"ca.pem\"\n[audit]\noutput = \"audit.log\"\n").unwrap();
+        let c =
+            parse_str("[tls]\nca_cert = \"ca.pem\"\n[audit]\noutput = \"audit.log\"\n").unwrap();
         assert_eq!(c.tls.ca_cert, PathBuf::from("/etc/portcullis/ca.pem"));
-        assert_eq!(c.audit.output, AuditOutput::File("/etc/portcullis/audit.log".into()));
+        assert_eq!(
+            c.audit.output,
+            AuditOutput::File("/etc/portcullis/audit.log".into())
+        );
     }
 
     #[test]
     fn key_paths_render_indices() {
-        assert_eq!(key_path(&["hosts", "2", "credential"]), "hosts[2].credential");
+        assert_eq!(
+            key_path(&["hosts", "2", "credential"]),
+            "hosts[2].credential"
+        );
         assert_eq!(key_path(&["listen", "proxy"]), "listen.proxy");
     }
 }

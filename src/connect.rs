@@ -172,19 +172,38 @@ where
     let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
 
     let up = async {
-        let first = match tokio::time::timeout(hello_timeout, inspect_first_bytes(&mut client_read, host)).await {
-            Ok(Ok(first)) => first,
-            Ok(Err(end)) => return Err(end),
-            Err(_) => return Err(TunnelEnd::BadClientHello),
-        };
+        let first =
+            match tokio::time::timeout(hello_timeout, inspect_first_bytes(&mut client_read, host))
+                .await
+            {
+                Ok(Ok(first)) => first,
+                Ok(Err(end)) => return Err(end),
+                Err(_) => return Err(TunnelEnd::BadClientHello),
+            };
         if !first.is_empty() {
-            upstream_write.write_all(&first).await.map_err(|_| TunnelEnd::Error)?;
+            upstream_write
+                .write_all(&first)
+                .await
+                .map_err(|_| TunnelEnd::Error)?;
             up_bytes.fetch_add(first.len() as u64, Ordering::Relaxed);
             touch(&last_activity, start);
         }
-        pump(&mut client_read, &mut upstream_write, &up_bytes, &last_activity, start).await
+        pump(
+            &mut client_read,
+            &mut upstream_write,
+            &up_bytes,
+            &last_activity,
+            start,
+        )
+        .await
     };
-    let down = pump(&mut upstream_read, &mut client_write, &down_bytes, &last_activity, start);
+    let down = pump(
+        &mut upstream_read,
+        &mut client_write,
+        &down_bytes,
+        &last_activity,
+        start,
+    );
     let idle_watch = async {
         loop {
             let last = Duration::from_millis(last_activity.load(Ordering::Relaxed));
@@ -233,7 +252,10 @@ where
             let _ = writer.shutdown().await;
             return Ok(());
         }
-        writer.write_all(&buf[..n]).await.map_err(|_| TunnelEnd::Error)?;
+        writer
+            .write_all(&buf[..n])
+            .await
+            .map_err(|_| TunnelEnd::Error)?;
         counter.fetch_add(n as u64, Ordering::Relaxed);
         touch(last, start);
     }
@@ -246,7 +268,10 @@ async fn inspect_first_bytes<R: AsyncRead + Unpin>(
     host: &Host,
 ) -> Result<BytesMut, TunnelEnd> {
     let mut buf = BytesMut::with_capacity(4096);
-    let n = reader.read_buf(&mut buf).await.map_err(|_| TunnelEnd::Error)?;
+    let n = reader
+        .read_buf(&mut buf)
+        .await
+        .map_err(|_| TunnelEnd::Error)?;
     if n == 0 || buf[0] != 0x16 {
         return Ok(buf);
     }
@@ -277,7 +302,10 @@ async fn inspect_first_bytes<R: AsyncRead + Unpin>(
         if buf.len() >= MAX_CLIENT_HELLO_BYTES {
             return Err(TunnelEnd::BadClientHello);
         }
-        let n = reader.read_buf(&mut buf).await.map_err(|_| TunnelEnd::Error)?;
+        let n = reader
+            .read_buf(&mut buf)
+            .await
+            .map_err(|_| TunnelEnd::Error)?;
         if n == 0 {
             return Err(TunnelEnd::BadClientHello);
         }

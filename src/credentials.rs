@@ -279,11 +279,16 @@ mod tests {
         std::fs::write(dir.path().join("pw"), "s3cret\r\n\n").unwrap();
         let s = SecretSource::File("pw".into()).resolve(dir.path()).unwrap();
         assert_eq!(s.expose(), "s3cret");
-        let err = SecretSource::File("nope".into()).resolve(dir.path()).unwrap_err();
+        let err = SecretSource::File("nope".into())
+            .resolve(dir.path())
+            .unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
         let err = SecretSource::Env("PORTCULLIS_TEST_SURELY_UNSET".into())
             .resolve(dir.path())
             .unwrap_err();
-        assert_eq!(err.to_string(), "environment variable PORTCULLIS_TEST_SURELY_UNSET is not set");
+        assert_eq!(
+            err.to_string(),
+            "environment variable PORTCULLIS_TEST_SURELY_UNSET is not set"
+        );
     }
 }

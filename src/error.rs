@@ -20,7 +20,9 @@ pub enum ProxyError {
     #[error("malformed request: {0}")]
     BadRequest(String),
     /// An origin-form request (`GET /`) sent to the proxy port as if it were a web server.
-    #[error("this is a forward proxy: send absolute-form requests (GET http://host/path) or CONNECT")]
+    #[error(
+        "this is a forward proxy: send absolute-form requests (GET http://host/path) or CONNECT"
+    )]
     OriginForm,
     /// TRACE / TRACK are never relayed: they reflect headers, injected credentials included.
     #[error("method {0} is not allowed through the proxy")]
@@ -247,16 +249,26 @@ mod tests {
     fn every_error_maps_to_spec_status() {
         let cases: Vec<(ProxyError, u16, &str)> = vec![
             (ProxyError::OriginForm, 400, "http_request_error"),
-            (ProxyError::MethodNotAllowed("TRACE".into()), 405, "http_request_denied"),
+            (
+                ProxyError::MethodNotAllowed("TRACE".into()),
+                405,
+                "http_request_denied",
+            ),
             (ProxyError::Loop, 508, "proxy_loop_detected"),
             (ProxyError::Overloaded, 503, "proxy_internal_error"),
             (
-                ProxyError::Timeout { host: "h".into(), stage: "connect" },
+                ProxyError::Timeout {
+                    host: "h".into(),
+                    stage: "connect",
+                },
                 504,
                 "connection_timeout",
             ),
             (
-                ProxyError::Misdirected { inner: "a".into(), tunnel: "b".into() },
+                ProxyError::Misdirected {
+                    inner: "a".into(),
+                    tunnel: "b".into(),
+                },
                 421,
                 "http_request_denied",
             ),

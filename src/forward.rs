@@ -58,7 +58,11 @@ fn target(uri: &Uri) -> Result<Target, ProxyError> {
                 "https:// targets must be reached through CONNECT (set HTTPS_PROXY)".into(),
             ))
         }
-        _ => return Err(ProxyError::BadRequest("only http:// targets are forwarded".into())),
+        _ => {
+            return Err(ProxyError::BadRequest(
+                "only http:// targets are forwarded".into(),
+            ))
+        }
     }
     let host = Host::parse(authority.host())
         .ok_or_else(|| ProxyError::BadRequest(format!("invalid host {:?}", authority.host())))?;
@@ -94,14 +98,26 @@ async fn forward(
         HeaderValue::from_str(&target.authority)
             .map_err(|_| ProxyError::BadRequest("invalid authority".into()))?,
     );
-    if let Some(cred) = rule.credential.as_ref().and_then(|c| snap.config.credentials.get(c)) {
+    if let Some(cred) = rule
+        .credential
+        .as_ref()
+        .and_then(|c| snap.config.credentials.get(c))
+    {
         parts.headers.remove(&cred.header);
-        parts.headers.insert(cred.header.clone(), cred.value.clone());
+        parts
+            .headers
+            .insert(cred.header.clone(), cred.value.clone());
     }
     parts.version = http::Version::HTTP_11;
     let upstream_req = Request::from_parts(parts, body::boxed(incoming));
     let host = target.host.to_string();
-    send(&snap.http, upstream_req, &host, snap.config.limits.idle_timeout).await
+    send(
+        &snap.http,
+        upstream_req,
+        &host,
+        snap.config.limits.idle_timeout,
+    )
+    .await
 }
 
 /// A credential never travels over plain http unless the rule says it may.
@@ -214,11 +230,17 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_and_connection_named_ones_go() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Secret-Hop"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret-Hop"),
+        );
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
-        h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("Basic eDp5"));
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic eDp5"),
+        );
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
@@ -231,18 +253,30 @@ mod tests {
     #[test]
     fn loops_are_recognised_by_received_by_token() {
         let mut h = HeaderMap::new();
-        h.append(header::VIA, HeaderValue::from_static("1.0 fred, 1.1 example.com (Apache/1.1)"));
+        h.append(
+            header::VIA,
+            HeaderValue::from_static("1.0 fred, 1.1 example.com (Apache/1.1)"),
+        );
         assert!(!is_loop(&h));
-        h.append(header::VIA, HeaderValue::from_static("1.1 squid, 1.1 Portcullis"));
+        h.append(
+            header::VIA,
+            HeaderValue::from_static("1.1 squid, 1.1 Portcullis"),
+        );
         assert!(is_loop(&h));
         let mut h2 = HeaderMap::new();
-        h2.insert(header::VIA, HeaderValue::from_static("1.1 proxy (portcullis)"));
+        h2.insert(
+            header::VIA,
+            HeaderValue::from_static("1.1 proxy (portcullis)"),
+        );
         assert!(!is_loop(&h2), "a comment is not the received-by token");
     }
 
     #[test]
     fn targets() {
-        assert!(matches!(target(&"/".parse().unwrap()), Err(ProxyError::OriginForm)));
+        assert!(matches!(
+            target(&"/".parse().unwrap()),
+            Err(ProxyError::OriginForm)
+        ));
         assert!(matches!(
             target(&"https://a.example/".parse().unwrap()),
             Err(ProxyError::BadRequest(_))

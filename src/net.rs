@@ -417,7 +417,11 @@ mod tests {
         assert_eq!(p.check(sa("8.8.8.8:443"), &own), Err(DenyListed));
         p.allow_private = true;
         assert_eq!(p.check(sa("10.1.1.1:443"), &own), Ok(()));
-        assert_eq!(p.check(sa("8.8.8.8:443"), &own), Err(DenyListed), "deny beats allow");
+        assert_eq!(
+            p.check(sa("8.8.8.8:443"), &own),
+            Err(DenyListed),
+            "deny beats allow"
+        );
         let any: Vec<SocketAddr> = vec!["0.0.0.0:3128".parse().unwrap()];
         assert_eq!(p.check(sa("127.0.0.1:3128"), &any), Err(OwnListener));
         assert_eq!(p.check(sa("127.0.0.1:3129"), &any), Ok(()));

@@ -43,7 +43,11 @@ impl HostPattern {
         if trimmed.is_empty() {
             return Err(err("empty"));
         }
-        if let Ok(ip) = trimmed.trim_start_matches('[').trim_end_matches(']').parse() {
+        if let Ok(ip) = trimmed
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+        {
             return Ok(Self::Ip(ip));
         }
         if trimmed.contains('/') {
@@ -54,13 +58,17 @@ impl HostPattern {
         }
         if let Some(suffix) = trimmed.strip_prefix("*.") {
             if suffix.contains('*') {
-                return Err(err("'*' may only stand alone as the first label (\"*.example.com\")"));
+                return Err(err(
+                    "'*' may only stand alone as the first label (\"*.example.com\")",
+                ));
             }
             let suffix = normalize_host(suffix).ok_or_else(|| err("not a valid DNS name"))?;
             return Ok(Self::Subdomains(format!(".{suffix}")));
         }
         if trimmed.contains('*') {
-            return Err(err("'*' may only stand alone as the first label (\"*.example.com\")"));
+            return Err(err(
+                "'*' may only stand alone as the first label (\"*.example.com\")",
+            ));
         }
         normalize_host(trimmed)
             .map(Self::Exact)
@@ -416,7 +424,12 @@ mod tests {
         for h in ["api.github.com", "API.GITHUB.COM", "api.github.com."] {
             assert!(p.matches(&host(h)), "{h}");
         }
-        for h in ["github.com", "xapi.github.com", "api.github.com.evil", "a.api.github.com"] {
+        for h in [
+            "github.com",
+            "xapi.github.com",
+            "api.github.com.evil",
+            "a.api.github.com",
+        ] {
             assert!(!p.matches(&host(h)), "{h}");
         }
     }
@@ -424,7 +437,12 @@ mod tests {
     #[test]
     fn wildcard_matches_subdomains_at_any_depth_but_not_apex_or_lookalikes() {
         let p = HostPattern::parse("*.example.com").unwrap();
-        for h in ["a.example.com", "a.b.c.example.com", "A.EXAMPLE.COM.", "_x.example.com"] {
+        for h in [
+            "a.example.com",
+            "a.b.c.example.com",
+            "A.EXAMPLE.COM.",
+            "_x.example.com",
+        ] {
             assert!(p.matches(&host(h)), "{h}");
         }
         for h in [
@@ -461,16 +479,30 @@ mod tests {
         assert!(!net.matches(&host("10.21.0.1")));
         // A name is never matched by an IP pattern, nor an IP by a name pattern.
         assert!(!net.matches(&host("ten.example")));
-        assert!(!HostPattern::parse("example.com").unwrap().matches(&host("93.184.216.34")));
+        assert!(!HostPattern::parse("example.com")
+            .unwrap()
+            .matches(&host("93.184.216.34")));
     }
 
     #[test]
     fn bad_patterns_are_rejected() {
         for bad in [
-            "", "*", "*.", "a*.example.com", "*.*.example.com", "foo.*.com", "exa mple.com",
-            "-bad.example", "10.0.0.0/33", "example..com", "1.2.3",
+            "",
+            "*",
+            "*.",
+            "a*.example.com",
+            "*.*.example.com",
+            "foo.*.com",
+            "exa mple.com",
+            "-bad.example",
+            "10.0.0.0/33",
+            "example..com",
+            "1.2.3",
         ] {
-            assert!(HostPattern::parse(bad).is_err(), "{bad:?} should be rejected");
+            assert!(
+                HostPattern::parse(bad).is_err(),
+                "{bad:?} should be rejected"
+            );
         }
     }
 
@@ -482,15 +514,33 @@ mod tests {
         b.credential = Some("two".into());
         let rules = vec![a, b];
         let h = host("api.example.com");
-        assert_eq!(decide(&rules, &facts(&h, 443)).unwrap().credential.as_deref(), Some("one"));
+        assert_eq!(
+            decide(&rules, &facts(&h, 443))
+                .unwrap()
+                .credential
+                .as_deref(),
+            Some("one")
+        );
         let h2 = host("www.example.com");
-        assert_eq!(decide(&rules, &facts(&h2, 80)).unwrap().credential.as_deref(), Some("two"));
+        assert_eq!(
+            decide(&rules, &facts(&h2, 80))
+                .unwrap()
+                .credential
+                .as_deref(),
+            Some("two")
+        );
         assert_eq!(
             decide(&rules, &facts(&h2, 8080)).unwrap_err(),
-            Denial::Port { host: "www.example.com".into(), port: 8080 }
+            Denial::Port {
+                host: "www.example.com".into(),
+                port: 8080
+            }
         );
         let other = host("example.org");
-        assert_eq!(decide(&rules, &facts(&other, 443)).unwrap_err().code(), "no_rule");
+        assert_eq!(
+            decide(&rules, &facts(&other, 443)).unwrap_err().code(),
+            "no_rule"
+        );
     }
 
     #[test]
@@ -507,17 +557,33 @@ mod tests {
         let mut f = facts(&h, 443);
         f.method = Some(&Method::GET);
         f.path = Some("/repository/maven/releases/a/b.jar");
-        assert_eq!(decide(&rules, &f).unwrap().credential.as_deref(), Some("reader"));
+        assert_eq!(
+            decide(&rules, &f).unwrap().credential.as_deref(),
+            Some("reader")
+        );
         f.path = Some("/repository/maven/snapshots/a.jar");
         assert_eq!(decide(&rules, &f).unwrap_err().code(), "path_not_allowed");
         f.path = Some("/repository/a/b/releases/x");
-        assert_eq!(decide(&rules, &f).unwrap_err().code(), "path_not_allowed", "* crosses no '/'");
+        assert_eq!(
+            decide(&rules, &f).unwrap_err().code(),
+            "path_not_allowed",
+            "* crosses no '/'"
+        );
         f.method = Some(&Method::PUT);
-        assert_eq!(decide(&rules, &f).unwrap().credential.as_deref(), Some("pusher"));
+        assert_eq!(
+            decide(&rules, &f).unwrap().credential.as_deref(),
+            Some("pusher")
+        );
         f.method = Some(&Method::DELETE);
         assert_eq!(decide(&rules, &f).unwrap_err().code(), "method_not_allowed");
         // A CONNECT (no method, no path) is allowed by the first rule naming the host.
-        assert_eq!(decide(&rules, &facts(&h, 443)).unwrap().credential.as_deref(), Some("reader"));
+        assert_eq!(
+            decide(&rules, &facts(&h, 443))
+                .unwrap()
+                .credential
+                .as_deref(),
+            Some("reader")
+        );
     }
 
     #[test]
@@ -532,7 +598,10 @@ mod tests {
         let h = host("api.example.com");
         let mut f = facts(&h, 443);
         f.client = "release";
-        assert_eq!(decide(&rules, &f).unwrap().credential.as_deref(), Some("rel"));
+        assert_eq!(
+            decide(&rules, &f).unwrap().credential.as_deref(),
+            Some("rel")
+        );
         f.client = "other";
         assert_eq!(decide(&rules, &f).unwrap_err().code(), "no_rule");
     }

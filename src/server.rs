@@ -140,7 +140,9 @@ impl ProxyHandle {
 
     /// Waits until the proxy has stopped.
     pub async fn wait(self) -> Result<(), ServerError> {
-        self.task.await.map_err(|e| ServerError::Task(e.to_string()))
+        self.task
+            .await
+            .map_err(|e| ServerError::Task(e.to_string()))
     }
 }
 
@@ -156,10 +158,16 @@ pub async fn start(config: Config) -> Result<ProxyHandle, ServerError> {
     let admin_listener = bind(config.listen.admin).await?;
     let proxy_addr = proxy_listener
         .local_addr()
-        .map_err(|source| ServerError::Bind { addr: config.listen.proxy, source })?;
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen.proxy,
+            source,
+        })?;
     let admin_addr = admin_listener
         .local_addr()
-        .map_err(|source| ServerError::Bind { addr: config.listen.admin, source })?;
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen.admin,
+            source,
+        })?;
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
@@ -208,7 +216,10 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
 #[cfg(unix)]
 async fn wait_for_stop_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}
@@ -246,9 +257,16 @@ async fn supervise(
     state.tunnels.close();
     let open = state.tunnels.len();
     if open > 0 {
-        tracing::info!(open, grace_seconds = grace.as_secs(), "waiting for in-flight work");
+        tracing::info!(
+            open,
+            grace_seconds = grace.as_secs(),
+            "waiting for in-flight work"
+        );
     }
-    if tokio::time::timeout(grace, state.tunnels.wait()).await.is_err() {
+    if tokio::time::timeout(grace, state.tunnels.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(
             open = state.tunnels.len(),
             "grace period over: closing remaining connections and tunnels"

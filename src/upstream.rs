@@ -109,7 +109,11 @@ impl tower_service::Service<Uri> for Connector {
         let dialer = self.dialer.clone();
         Box::pin(async move {
             let host = uri.host().and_then(Host::parse).ok_or(NoHost)?;
-            let default_port = if uri.scheme_str() == Some("https") { 443 } else { 80 };
+            let default_port = if uri.scheme_str() == Some("https") {
+                443
+            } else {
+                80
+            };
             let port = uri.port_u16().unwrap_or(default_port);
             let dialed = dialer.dial(&host, port).await?;
             Ok(UpstreamStream {

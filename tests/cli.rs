@@ -1,0 +1,198 @@
+//! The `portcullis` binary: `check` exit codes and messages, environment overrides, and `run`
+//! serving traffic, logging JSON, and exiting 0 on SIGTERM.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
+
+fn check(config: &str) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("portcullis.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "-c", path.to_str().unwrap()])
+        .env_remove("PORTCULLIS_CONFIG")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_accepts_a_valid_config_and_prints_a_summary() {
+    let (code, stdout, stderr) = check(
+        "[[hosts]]\nhost = \"api.example.com\"\nports = [443]\n[[hosts]]\nhost = \"*.pythonhosted.org\"\n",
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("(valid)"), "{stdout}");
+    assert!(stdout.contains("host rules (2)"), "{stdout}");
+    assert!(
+        stdout.contains("api.example.com ports [443] tunnel"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("*.pythonhosted.org ports [80, 443]"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("clients: none"), "{stdout}");
+}
+
+#[test]
+fn check_rejects_an_unknown_key_naming_file_and_key() {
+    let (code, _, stderr) = check("[limits]\nmax_conections = 5\n");
+    assert_eq!(code, 1);
+    assert!(stderr.contains("portcullis.toml"), "{stderr}");
+    assert!(
+        stderr.contains("limits.max_conections: unknown key"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_rejects_a_bad_host_pattern_naming_the_rule() {
+    let (code, _, stderr) =
+        check("[[hosts]]\nhost = \"ok.example\"\n[[hosts]]\nhost = \"api.*.example.com\"\n");
+    assert_eq!(code, 1);
+    assert!(stderr.contains("hosts[1].host"), "{stderr}");
+    assert!(stderr.contains("api.*.example.com"), "{stderr}");
+}
+
+#[test]
+fn check_rejects_a_syntax_error_with_line_and_column() {
+    let (code, _, stderr) =
+        check("[listen]\nproxy = \"127.0.0.1:3128\"\n\n[[hosts]\nhost = \"a.example\"\n");
+    assert_eq!(code, 1);
+    assert!(stderr.contains("portcullis.toml:4:"), "{stderr}");
+    assert!(stderr.contains("TOML syntax error"), "{stderr}");
+}
+
+#[test]
+fn check_names_a_missing_secret_source_but_never_a_value() {
+    let (code, _, stderr) = check(
+        "[credentials.gh]\nbearer = { env = \"PORTCULLIS_TEST_MISSING_TOKEN\" }\n[credentials.lit]\nbearer = \"canary-literal-value\"\n",
+    );
+    assert_eq!(code, 1);
+    assert!(stderr.contains("credentials.lit.bearer"), "{stderr}");
+    assert!(!stderr.contains("canary-literal-value"), "{stderr}");
+    let (code, _, stderr) =
+        check("[credentials.gh]\nbearer = { env = \"PORTCULLIS_TEST_MISSING_TOKEN\" }\n");
+    assert_eq!(code, 1);
+    assert!(stderr.contains("credentials.gh.bearer"), "{stderr}");
+    assert!(
+        stderr.contains("PORTCULLIS_TEST_MISSING_TOKEN is not set"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    std::fs::write(&path, "[listen]\nproxy = \"127.0.0.1:3128\"\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "-c", path.to_str().unwrap()])
+        .env("PORTCULLIS_LISTEN__PROXY", "127.0.0.1:4128")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("proxy 127.0.0.1:4128"), "{stdout}");
+
+    let out = Command::new(BIN)
+        .args(["check", "-c", path.to_str().unwrap()])
+        .env("PORTCULLIS_LIMITS__NOPE", "1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("environment") && stderr.contains("limits.nope"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn embedded_default_is_valid() {
+    let out = Command::new(BIN)
+        .arg("check")
+        .env_remove("PORTCULLIS_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("<embedded default config>"));
+}
+
+#[tokio::test]
+async fn run_serves_logs_json_and_exits_zero_on_sigterm() {
+    let up = common::http_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[network]\nallow_cidrs = [\"127.0.0.0/8\"]\nresolve = {{ \"up.test\" = [\"127.0.0.1\"] }}\n[[hosts]]\nhost = \"up.test\"\nports = [{}]\n",
+            up.port()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "--log-format", "json", "-c", path.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // The "listening" line names the bound address.
+    let mut proxy_addr = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while proxy_addr.is_none() && Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            let event: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
+            if event["message"] == "portcullis listening" {
+                proxy_addr = event["proxy_addr"].as_str().map(str::to_owned);
+            }
+        }
+    }
+    let proxy_addr = proxy_addr.expect("listening line");
+    let out = common::curl(&[
+        "-x",
+        &format!("http://{proxy_addr}"),
+        &format!("http://up.test:{}/", up.port()),
+    ])
+    .await;
+    assert_eq!(out.status, 200, "{out:?}");
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        assert!(Instant::now() < deadline, "did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(code, Some(0));
+}

@@ -1,0 +1,477 @@
+//! Shared test harness: starts the proxy in-process on port 0, plain and TLS upstreams on
+//! loopback (TLS with a throwaway test CA), and drives them with real clients (reqwest and the
+//! `curl` binary). All traffic stays on 127.0.0.1.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use portcullis::body::{self, Body};
+use portcullis::config::{self, Config, Origin};
+use portcullis::server::{self, ProxyHandle};
+use tokio::net::TcpListener;
+
+/// A proxy running in this process.
+pub struct TestProxy {
+    pub handle: ProxyHandle,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestProxy {
+    /// `http://127.0.0.1:PORT` of the proxy listener.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops the proxy and waits for it.
+    pub async fn stop(self) {
+        self.handle.shutdown();
+        tokio::time::timeout(Duration::from_secs(30), self.handle.wait())
+            .await
+            .expect("proxy stops in time")
+            .expect("proxy stops cleanly");
+    }
+}
+
+/// Listener section every test config starts with: both listeners on port 0.
+pub const LISTEN: &str = "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n";
+
+/// Parses a test config (with [`LISTEN`] prepended unless it has its own) whose relative paths
+/// live in `dir`.
+pub fn parse_config(dir: &Path, body: &str) -> Config {
+    let text = if body.contains("[listen]") {
+        body.to_owned()
+    } else {
+        format!("{LISTEN}{body}")
+    };
+    let path = dir.join("portcullis.toml");
+    std::fs::write(&path, &text).unwrap();
+    match config::parse(&text, Origin::File(path), dir, false) {
+        Ok(c) => c,
+        Err(e) => panic!("test config invalid:\n{e}\n---\n{text}"),
+    }
+}
+
+/// Starts a proxy with `body` as its config (after [`LISTEN`]).
+pub async fn start_proxy(body: &str) -> TestProxy {
+    let dir = tempfile::tempdir().unwrap();
+    start_proxy_in(dir, body).await
+}
+
+/// Starts a proxy whose config folder is `dir`.
+pub async fn start_proxy_in(dir: tempfile::TempDir, body: &str) -> TestProxy {
+    let config = parse_config(dir.path(), body);
+    let handle = server::start(config).await.expect("proxy starts");
+    TestProxy {
+        addr: handle.proxy_addr,
+        admin: handle.admin_addr,
+        handle,
+        dir,
+    }
+}
+
+/// What an upstream received.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub uri: String,
+    pub version: String,
+    pub headers: BTreeMap<String, Vec<String>>,
+    pub body_bytes: u64,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(name)
+            .and_then(|v| v.first())
+            .map(String::as_str)
+    }
+}
+
+/// A loopback upstream server recording what it received.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// PEM of the CA that signed a TLS upstream's certificate.
+    pub ca_pem: Option<String>,
+}
+
+impl Upstream {
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn last(&self) -> Seen {
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("upstream saw a request")
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    /// Writes the CA PEM to `dir/name` and returns the path.
+    pub fn write_ca(&self, dir: &Path, name: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, self.ca_pem.as_ref().expect("TLS upstream")).unwrap();
+        path
+    }
+}
+
+fn record(req: &Request<Incoming>) -> Seen {
+    let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (k, v) in req.headers() {
+        headers
+            .entry(k.as_str().to_owned())
+            .or_default()
+            .push(String::from_utf8_lossy(v.as_bytes()).into_owned());
+    }
+    Seen {
+        method: req.method().to_string(),
+        uri: req.uri().to_string(),
+        version: format!("{:?}", req.version()),
+        headers,
+        body_bytes: 0,
+    }
+}
+
+/// A body of `n` bytes produced in 64 KiB chunks, never held in memory at once.
+pub fn generated_body(n: u64) -> Body {
+    let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+    let stream = futures_util::stream::unfold(n, move |left| {
+        let chunk = chunk.clone();
+        async move {
+            if left == 0 {
+                return None;
+            }
+            let take = left.min(chunk.len() as u64);
+            let frame: Result<Frame<Bytes>, portcullis::body::BoxError> =
+                Ok(Frame::data(chunk.slice(..take as usize)));
+            Some((frame, left - take))
+        }
+    });
+    BodyExt::boxed(StreamBody::new(stream))
+}
+
+/// The upstream's routes:
+/// - `/stream/N`: N generated bytes;
+/// - `/echo`: the request body back, streamed;
+/// - `/count`: counts the request body, answers its length;
+/// - `/redirect`: 302 to another host;
+/// - `/basic/USER/PASS`: 401 unless that basic credential is sent;
+/// - anything else: 200 with a JSON summary of what was received.
+async fn route(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<Body> {
+    let mut record = record(&req);
+    let path = req.uri().path().to_owned();
+    let reply = |status: StatusCode, body: Body| {
+        let mut r = Response::new(body);
+        *r.status_mut() = status;
+        r
+    };
+    if let Some(n) = path.strip_prefix("/stream/") {
+        seen.lock().unwrap().push(record);
+        let n: u64 = n.parse().unwrap_or(0);
+        let mut r = reply(StatusCode::OK, generated_body(n));
+        r.headers_mut()
+            .insert(http::header::CONTENT_LENGTH, n.to_string().parse().unwrap());
+        return r;
+    }
+    if path == "/echo" {
+        seen.lock().unwrap().push(record);
+        return reply(StatusCode::OK, body::boxed(req.into_body()));
+    }
+    if path == "/redirect" {
+        seen.lock().unwrap().push(record);
+        let mut r = reply(StatusCode::FOUND, body::empty());
+        r.headers_mut().insert(
+            http::header::LOCATION,
+            "http://elsewhere.test/".parse().unwrap(),
+        );
+        return r;
+    }
+    let mut incoming = req.into_body();
+    let mut total = 0u64;
+    while let Some(Ok(frame)) = incoming.frame().await {
+        if let Some(data) = frame.data_ref() {
+            total += data.len() as u64;
+        }
+    }
+    record.body_bytes = total;
+    if let Some(rest) = path.strip_prefix("/basic/") {
+        let (user, pass) = rest.split_once('/').unwrap_or((rest, ""));
+        let want = format!(
+            "Basic {}",
+            base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                format!("{user}:{pass}")
+            )
+        );
+        let ok = record.header("authorization") == Some(want.as_str());
+        seen.lock().unwrap().push(record);
+        if !ok {
+            let mut r = reply(StatusCode::UNAUTHORIZED, body::full("unauthorized\n"));
+            r.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                "Basic realm=\"test\"".parse().unwrap(),
+            );
+            return r;
+        }
+        return reply(StatusCode::OK, body::full("authorized\n"));
+    }
+    let summary = serde_json::json!({
+        "method": record.method,
+        "uri": record.uri,
+        "version": record.version,
+        "headers": record.headers,
+        "body_bytes": total,
+    });
+    seen.lock().unwrap().push(record);
+    if path == "/count" {
+        return reply(StatusCode::OK, body::full(total.to_string()));
+    }
+    let mut r = reply(StatusCode::OK, body::full(summary.to_string()));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        "application/json".parse().unwrap(),
+    );
+    r
+}
+
+/// A plain-HTTP upstream on 127.0.0.1.
+pub async fn http_upstream() -> Upstream {
+    serve_upstream(None, None).await
+}
+
+/// Serves [`route`] on 127.0.0.1, over TLS when `acceptor` is given.
+async fn serve_upstream(
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    ca_pem: Option<String>,
+) -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let seen = seen2.clone();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let seen = seen.clone();
+                    async move { Ok::<_, Infallible>(route(req, seen).await) }
+                });
+                let server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                match acceptor {
+                    None => {
+                        let _ = server.serve_connection(TokioIo::new(stream), svc).await;
+                    }
+                    Some(acceptor) => {
+                        let accepted =
+                            tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream));
+                        if let Ok(Ok(tls)) = accepted.await {
+                            let _ = server.serve_connection(TokioIo::new(tls), svc).await;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Upstream { addr, seen, ca_pem }
+}
+
+/// A test CA and a leaf for `names` signed by it: (CA PEM, leaf chain DER, leaf key DER).
+pub fn test_pki(
+    names: &[&str],
+) -> (
+    String,
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "portcullis test upstream CA");
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let mut leaf_params = rcgen::CertificateParams::new(names).unwrap();
+    leaf_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let leaf = leaf_params.signed_by(&leaf_key, &ca).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
+    (ca.pem(), vec![leaf.der().clone(), ca.der().clone()], key)
+}
+
+/// A TLS upstream (HTTP/1.1 and h2 by ALPN) whose certificate names `names`.
+pub async fn tls_upstream(names: &[&str]) -> Upstream {
+    let (ca_pem, chain, key) = test_pki(names);
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    serve_upstream(Some(acceptor), Some(ca_pem)).await
+}
+
+/// Root store trusting a TLS upstream's test CA.
+pub fn roots_for(up: &Upstream) -> Arc<rustls::RootCertStore> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = up.ca_pem.as_ref().expect("TLS upstream");
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    Arc::new(roots)
+}
+
+/// A TLS client handshake over `stream` (e.g. a CONNECT tunnel) naming `sni`.
+pub async fn tls_connect(
+    stream: tokio::net::TcpStream,
+    roots: Arc<rustls::RootCertStore>,
+    sni: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).unwrap();
+    let connect = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, stream);
+    match tokio::time::timeout(Duration::from_secs(10), connect).await {
+        Ok(result) => result,
+        Err(_) => Err(std::io::Error::other("TLS handshake timed out")),
+    }
+}
+
+/// A reqwest client that uses `proxy` for everything.
+pub fn proxied_client(proxy: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .proxy(reqwest::Proxy::all(proxy).unwrap())
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// A reqwest client that trusts `ca_pem` and uses `proxy`.
+pub fn proxied_tls_client(proxy: &str, ca_pem: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .proxy(reqwest::Proxy::all(proxy).unwrap())
+        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap())
+        .tls_built_in_root_certs(false)
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// What a `curl` run produced.
+#[derive(Debug)]
+pub struct CurlOut {
+    /// Final HTTP status (0 when none).
+    pub status: u16,
+    /// Status of the proxy's CONNECT answer (0 when no CONNECT).
+    pub connect_status: u16,
+    pub body: String,
+    pub stderr: String,
+    pub exit: i32,
+}
+
+/// Runs the `curl` binary with `args` (plus silent mode, a 30 s cap and status reporting).
+pub async fn curl(args: &[&str]) -> CurlOut {
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "30",
+            "-w",
+            "\n__STATUS__ %{http_code} %{http_connect}",
+        ])
+        .args(args)
+        .env_remove("http_proxy")
+        .env_remove("https_proxy")
+        .env_remove("HTTP_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("ALL_PROXY")
+        .env_remove("NO_PROXY")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("curl runs (install curl)");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status_line) = stdout
+        .rsplit_once("\n__STATUS__ ")
+        .map(|(b, s)| (b.to_owned(), s.to_owned()))
+        .unwrap_or((stdout.clone(), String::new()));
+    let mut codes = status_line
+        .split_whitespace()
+        .map(|c| c.parse().unwrap_or(0));
+    CurlOut {
+        status: codes.next().unwrap_or(0),
+        connect_status: codes.next().unwrap_or(0),
+        body,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        exit: out.status.code().unwrap_or(-1),
+    }
+}
+
+/// Resident set size of this process, in bytes (Linux).
+pub fn rss_bytes(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// A loopback port with nothing listening on it.
+pub async fn closed_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    drop(l);
+    port
+}
+
+/// The `Proxy-Status` header of a response, as text.
+pub fn proxy_status(r: &reqwest::Response) -> String {
+    r.headers()
+        .get("proxy-status")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
