@@ -15,6 +15,7 @@ pub mod connect;
 pub mod credentials;
 pub mod error;
 pub mod forward;
+pub mod keepalive;
 pub mod logging;
 pub mod net;
 pub mod policy;

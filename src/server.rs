@@ -1,7 +1,7 @@
 //! Listeners, connection limits and lifecycle.
 //!
 //! A request's path starts here: accept → connection slot (503 beyond `max_connections`) →
-//! HTTP/1.1 with a header-read deadline → [`dispatch`] → CONNECT ([`crate::connect`]) or plain
+//! HTTP/1.1 with header-read and keep-alive deadlines ([`crate::keepalive`]) → [`dispatch`] → CONNECT ([`crate::connect`]) or plain
 //! forwarding ([`crate::forward`]). Each request takes the configuration snapshot current when it
 //! arrives and keeps it to the end, so a reload never changes a request midway.
 //!
@@ -18,7 +18,7 @@ use arc_swap::ArcSwap;
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -29,6 +29,7 @@ use tokio_util::task::TaskTracker;
 use crate::body::Body;
 use crate::config::Config;
 use crate::error::{raw_refusal, ProxyError};
+use crate::keepalive::{ConnTimer, CountingIo, ReadCounter};
 use crate::net::Dialer;
 use crate::upstream::{self, HttpClient};
 use crate::{admin, connect, forward};
@@ -320,13 +321,15 @@ async fn serve_connection(ctx: ConnCtx, stream: TcpStream) {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(dispatch(&ctx, req).await) }
     });
+    let counter = Arc::new(ReadCounter::default());
+    let io = TokioIo::new(CountingIo::new(stream, counter.clone()));
     let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
+        .timer(ConnTimer::new(counter, limits.idle_timeout))
         .header_read_timeout(limits.header_read_timeout)
         .max_header_size(limits.max_header_bytes)
         .max_headers(256)
         .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection(io, service)
         .with_upgrades();
     tokio::pin!(conn);
     let result = tokio::select! {

@@ -490,6 +490,70 @@ async fn slowloris_is_cut_off_while_others_are_served() {
 }
 
 #[tokio::test]
+async fn keep_alive_connections_idle_longer_than_the_header_deadline() {
+    let up = http_upstream().await;
+    let proxy = start_proxy(&format!(
+        "[limits]\nheader_read_timeout_seconds = 1\nidle_timeout_seconds = 3\n{}",
+        allow_up(up.port())
+    ))
+    .await;
+    let request = format!(
+        "GET http://up.test:{}/ka HTTP/1.1\r\nHost: up.test\r\n\r\n",
+        up.port()
+    );
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.unwrap();
+
+    // Idle past the header deadline (1 s) but within the idle timeout (3 s): still open.
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    s.write_all(request.as_bytes()).await.unwrap();
+    let head = read_head(&mut s).await;
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "second request on the same connection: {head}"
+    );
+    s.read_exact(&mut body).await.unwrap();
+
+    // Idle past the idle timeout: closed.
+    let started = Instant::now();
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(6), s.read(&mut buf))
+        .await
+        .expect("closed by the idle timeout")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(
+        started.elapsed() >= Duration::from_millis(2500),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A connection that never sends a byte only gets the header deadline.
+    let mut silent = TcpStream::connect(proxy.addr).await.unwrap();
+    let started = Instant::now();
+    let _ = tokio::time::timeout(Duration::from_secs(6), silent.read(&mut buf))
+        .await
+        .expect("silent connection closed");
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        started.elapsed()
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
 async fn connections_beyond_the_limit_get_503() {
     let up = http_upstream().await;
     let proxy = start_proxy(&format!(
