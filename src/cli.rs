@@ -1,4 +1,4 @@
-//! The command line (spec §1): `run` (default) and `check`. `main.rs` parses it and calls
+//! The command line (spec §1): `run` (default), `check`, `ca init` and `ca show`. `main.rs` parses it and calls
 //! [`execute`].
 
 use std::path::PathBuf;
@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::logging::{self, LogFormat};
-use crate::{config, server};
+use crate::{config, server, tls};
 
 /// Portcullis: an authenticating egress proxy for CI and build pipelines.
 #[derive(Debug, Parser)]
@@ -31,6 +31,31 @@ pub enum Command {
     Run,
     /// Load and validate the configuration, resolve every secret source, print a summary.
     Check,
+    /// The interception CA.
+    Ca {
+        /// What to do with it.
+        #[command(subcommand)]
+        action: CaCommand,
+    },
+}
+
+/// `portcullis ca …`
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Write a new interception CA (ECDSA P-256; key file mode 0600).
+    Init {
+        /// Certificate path (default: the config's tls.ca_cert).
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// Key path (default: the config's tls.ca_key).
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the CA certificate in use (PEM).
+    Show,
 }
 
 /// Failures of a command, printed by `main`.
@@ -42,6 +67,12 @@ pub enum CliError {
     /// The proxy could not start or failed.
     #[error(transparent)]
     Server(#[from] server::ServerError),
+    /// A CA or TLS operation failed.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// No CA certificate where the config says.
+    #[error("no CA certificate at {0}: run `portcullis ca init`, or start the proxy once to generate one")]
+    NoCa(PathBuf),
     /// The async runtime could not start.
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
@@ -70,7 +101,41 @@ pub fn execute(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Check => {
             let config = config::load(cli.config.as_deref())?;
+            // The upstream roots and extra CA files must load too.
+            tls::upstream_client_config(&config.tls)?;
             print!("{}", config.summary());
+            let ca = &config.tls.ca_cert;
+            if ca.exists() {
+                println!("interception CA: {}", ca.display());
+            } else {
+                println!("interception CA: {} (missing: generated at first start)", ca.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ca {
+            action: CaCommand::Init { cert, key, force },
+        } => {
+            let (cert, key) = match (cert, key) {
+                (Some(cert), Some(key)) => (cert, key),
+                (cert, key) => {
+                    let config = config::load(cli.config.as_deref())?;
+                    (
+                        cert.unwrap_or(config.tls.ca_cert),
+                        key.unwrap_or(config.tls.ca_key),
+                    )
+                }
+            };
+            tls::init_ca(&cert, &key, force)?;
+            println!("wrote CA certificate {} and key {} (mode 0600)", cert.display(), key.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ca {
+            action: CaCommand::Show,
+        } => {
+            let config = config::load(cli.config.as_deref())?;
+            let path = config.tls.ca_cert;
+            let pem = std::fs::read_to_string(&path).map_err(|_| CliError::NoCa(path.clone()))?;
+            print!("{pem}");
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -7,6 +7,7 @@
 //! as a front for another destination.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -15,17 +16,27 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use rustls::ServerConfig;
 use tokio::time::Instant;
 
 use crate::body::{self, Body};
 use crate::error::ProxyError;
 use crate::forward::precheck;
+use crate::intercept;
 use crate::policy::{self, normalize_host, Host, RequestFacts};
 use crate::server::{ConnCtx, Snapshot};
 
+/// What the CONNECT opened before answering 200.
+enum Opened {
+    /// A tunnel: the upstream socket, already connected.
+    Tunnel(TcpStream),
+    /// Interception: the TLS configuration for the CONNECT host (addresses already judged).
+    Intercept(Arc<ServerConfig>),
+}
+
 /// Serves one CONNECT request.
 pub async fn handle(ctx: &ConnCtx, snap: &Snapshot, mut req: Request<Incoming>) -> Response<Body> {
-    let (host, port, upstream) = match open(ctx, snap, &req).await {
+    let (host, port, opened) = match open(ctx, snap, &req).await {
         Ok(opened) => opened,
         Err(err) => {
             tracing::debug!(peer = %ctx.peer, error = %err, "CONNECT refused");
@@ -43,6 +54,13 @@ pub async fn handle(ctx: &ConnCtx, snap: &Snapshot, mut req: Request<Incoming>) 
                 tracing::debug!(error = %e, "CONNECT upgrade failed");
                 return;
             }
+        };
+        let upstream = match opened {
+            Opened::Intercept(tls) => {
+                let target = intercept::Target { host, port };
+                return intercept::serve(tunnel_ctx, target, upgraded, tls).await;
+            }
+            Opened::Tunnel(upstream) => upstream,
         };
         let relay = relay(
             TokioIo::new(upgraded),
@@ -70,12 +88,14 @@ pub async fn handle(ctx: &ConnCtx, snap: &Snapshot, mut req: Request<Incoming>) 
     response
 }
 
-/// Policy, then dial. Returns the target and the connected upstream socket.
+/// Policy, then either dial (tunnel) or judge the addresses and prepare the leaf (intercept).
+/// An intercepted tunnel's upstream connections come from the pool, per inner request; a
+/// connect failure there is answered inside the tunnel (502/504 with `Proxy-Status`).
 async fn open(
     ctx: &ConnCtx,
     snap: &Snapshot,
     req: &Request<Incoming>,
-) -> Result<(Host, u16, TcpStream), ProxyError> {
+) -> Result<(Host, u16, Opened), ProxyError> {
     precheck(req.method(), req.headers())?;
     let authority = req
         .uri()
@@ -94,18 +114,26 @@ async fn open(
         client: &ctx.client,
     };
     let rule = policy::decide(&snap.config.rules, &facts).map_err(ProxyError::Denied)?;
+    let name = host.to_string();
     if rule.intercepts() {
-        return Err(ProxyError::Unavailable {
-            host: host.to_string(),
-            reason: "TLS interception is not available in this build".into(),
-        });
+        snap.dialer
+            .resolve_checked(&host, port)
+            .await
+            .map_err(|e| ProxyError::from_dial(&name, &e))?;
+        let tls = ctx
+            .state
+            .interceptor
+            .server_config(&host)
+            .await
+            .map_err(|e| ProxyError::Internal(format!("cannot mint a certificate for {name}: {e}")))?;
+        return Ok((host, port, Opened::Intercept(tls)));
     }
     let dialed = snap
         .dialer
         .dial(&host, port)
         .await
-        .map_err(|e| ProxyError::from_dial(&host.to_string(), &e))?;
-    Ok((host, port, dialed.stream))
+        .map_err(|e| ProxyError::from_dial(&name, &e))?;
+    Ok((host, port, Opened::Tunnel(dialed.stream)))
 }
 
 /// How a tunnel ended.

@@ -232,6 +232,12 @@ impl Credential {
     }
 }
 
+/// Injects `cred`, overwriting: every client-sent header of the same name goes first.
+pub fn inject(headers: &mut http::HeaderMap, cred: &Credential) {
+    headers.remove(&cred.header);
+    headers.insert(cred.header.clone(), cred.value.clone());
+}
+
 /// All resolved credentials of a snapshot, by name.
 pub type Credentials = BTreeMap<String, Credential>;
 

@@ -72,6 +72,9 @@ pub enum ProxyError {
         /// "connect" or "response".
         stage: &'static str,
     },
+    /// Something inside the proxy failed (e.g. minting a certificate).
+    #[error("internal proxy error: {0}")]
+    Internal(String),
     /// Over `limits.max_connections`.
     #[error("the proxy is at its connection limit")]
     Overloaded,
@@ -103,6 +106,7 @@ impl ProxyError {
                 StatusCode::BAD_GATEWAY
             }
             Self::Overloaded | Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::Loop => StatusCode::LOOP_DETECTED,
         }
@@ -120,7 +124,7 @@ impl ProxyError {
             Self::Unavailable { .. } => "destination_unavailable",
             Self::UpstreamTls { .. } => "tls_certificate_error",
             Self::Timeout { .. } => "connection_timeout",
-            Self::Overloaded | Self::Draining => "proxy_internal_error",
+            Self::Overloaded | Self::Draining | Self::Internal(_) => "proxy_internal_error",
             Self::Loop => "proxy_loop_detected",
         }
     }
@@ -138,6 +142,7 @@ impl ProxyError {
             Self::UpstreamTls { .. } => "upstream_tls",
             Self::Timeout { .. } => "timeout",
             Self::Overloaded => "overloaded",
+            Self::Internal(_) => "internal",
             Self::Draining => "draining",
             Self::Loop => "loop",
             Self::Misdirected { .. } => "misdirected",

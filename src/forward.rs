@@ -9,10 +9,11 @@ use http::{Method, Request, Response, Uri};
 use hyper::body::Incoming;
 
 use crate::body::{self, Body};
+use crate::credentials::inject;
 use crate::error::ProxyError;
 use crate::policy::{self, Denial, Host, RequestFacts, Rule};
 use crate::server::{ConnCtx, Snapshot};
-use crate::upstream::{dial_error, HttpClient};
+use crate::upstream::{dial_error, tls_error};
 
 /// Our `Via` received-by token. A request already carrying it has looped back to us.
 pub const VIA_TOKEN: &str = "portcullis";
@@ -103,10 +104,7 @@ async fn forward(
         .as_ref()
         .and_then(|c| snap.config.credentials.get(c))
     {
-        parts.headers.remove(&cred.header);
-        parts
-            .headers
-            .insert(cred.header.clone(), cred.value.clone());
+        inject(&mut parts.headers, cred);
     }
     parts.version = http::Version::HTTP_11;
     let upstream_req = Request::from_parts(parts, body::boxed(incoming));
@@ -130,14 +128,17 @@ fn refuse_plaintext_credential(rule: &Rule, host: &Host) -> Result<(), ProxyErro
     Ok(())
 }
 
-/// Sends `req` upstream and prepares the response for the client; the response head must arrive
-/// within `response_timeout`.
-pub async fn send(
-    client: &HttpClient,
+/// Sends `req` upstream on `client` (plain or TLS) and prepares the response for the client;
+/// the response head must arrive within `response_timeout`.
+pub async fn send<C>(
+    client: &hyper_util::client::legacy::Client<C, Body>,
     req: Request<Body>,
     host: &str,
     response_timeout: Duration,
-) -> Result<Response<Body>, ProxyError> {
+) -> Result<Response<Body>, ProxyError>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
     let response = match tokio::time::timeout(response_timeout, client.request(req)).await {
         Err(_) => {
             return Err(ProxyError::Timeout {
@@ -158,6 +159,12 @@ pub async fn send(
 pub fn upstream_failure(host: &str, err: &hyper_util::client::legacy::Error) -> ProxyError {
     if let Some(dial) = dial_error(err) {
         return ProxyError::from_dial(host, dial);
+    }
+    if let Some(tls) = tls_error(err) {
+        return ProxyError::UpstreamTls {
+            host: host.to_owned(),
+            reason: tls.to_string(),
+        };
     }
     ProxyError::Unavailable {
         host: host.to_owned(),

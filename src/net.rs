@@ -289,11 +289,12 @@ impl Dialer {
         Ok(addrs)
     }
 
-    /// Resolves, judges every address (one prohibited address refuses the whole name, so a
-    /// mixed answer cannot be used to reach an internal host), then connects to the first that
-    /// accepts, all within the connect timeout.
-    pub async fn dial(&self, host: &Host, port: u16) -> Result<Dialed, DialError> {
-        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+    /// Resolves `host` and judges every address; one prohibited address refuses the name.
+    pub async fn resolve_checked(
+        &self,
+        host: &Host,
+        port: u16,
+    ) -> Result<Vec<SocketAddr>, DialError> {
         let addrs = self.resolve(host, port).await?;
         for addr in &addrs {
             self.policy
@@ -303,6 +304,15 @@ impl Dialer {
                     why,
                 })?;
         }
+        Ok(addrs)
+    }
+
+    /// Resolves, judges every address (one prohibited address refuses the whole name, so a
+    /// mixed answer cannot be used to reach an internal host), then connects to the first that
+    /// accepts, all within the connect timeout.
+    pub async fn dial(&self, host: &Host, port: u16) -> Result<Dialed, DialError> {
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        let addrs = self.resolve_checked(host, port).await?;
         let mut last = None;
         for addr in addrs {
             match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {

@@ -31,7 +31,8 @@ use crate::config::Config;
 use crate::error::{raw_refusal, ProxyError};
 use crate::keepalive::{ConnTimer, CountingIo, ReadCounter};
 use crate::net::Dialer;
-use crate::upstream::{self, HttpClient};
+use crate::tls::{self, CertificateAuthority, Interceptor, TlsError};
+use crate::upstream::{self, HttpClient, HttpsClient};
 use crate::{admin, connect, forward};
 
 /// Everything built from one configuration: swapped whole on reload, never rebuilt per request.
@@ -42,21 +43,25 @@ pub struct Snapshot {
     pub dialer: Dialer,
     /// Pooled plain-http upstream client.
     pub http: HttpClient,
+    /// Pooled TLS upstream client (intercepted requests).
+    pub https: HttpsClient,
 }
 
 impl Snapshot {
     /// Builds the runtime objects of `config`.
-    pub fn build(config: Config, own_listeners: Arc<[SocketAddr]>) -> Self {
+    pub fn build(config: Config, own_listeners: Arc<[SocketAddr]>) -> Result<Self, TlsError> {
         let dialer = Dialer::new(
             config.network.clone(),
             own_listeners,
             config.limits.connect_timeout,
         );
-        Self {
+        let upstream_tls = tls::upstream_client_config(&config.tls)?;
+        Ok(Self {
             http: upstream::http_client(dialer.clone()),
+            https: upstream::https_client(dialer.clone(), upstream_tls),
             dialer,
             config: Arc::new(config),
-        }
+        })
     }
 }
 
@@ -73,6 +78,8 @@ pub struct State {
     pub drain: CancellationToken,
     /// Cancelled when the grace period is over: whatever still runs is cut.
     pub hard_stop: CancellationToken,
+    /// The interception CA and its certificate cache (kept across reloads).
+    pub interceptor: Interceptor,
     connections: Arc<Semaphore>,
 }
 
@@ -112,6 +119,9 @@ pub enum ServerError {
         /// Why.
         source: std::io::Error,
     },
+    /// The CA or the upstream TLS configuration could not be set up.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// The supervisor task failed.
     #[error("proxy task failed: {0}")]
     Task(String),
@@ -172,11 +182,22 @@ pub async fn start(config: Config) -> Result<ProxyHandle, ServerError> {
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
+    let (ca, created) =
+        CertificateAuthority::load_or_create(&config.tls.ca_cert, &config.tls.ca_key)?;
+    if created {
+        tracing::info!(
+            cert = %config.tls.ca_cert.display(),
+            key = %config.tls.ca_key.display(),
+            "generated a new interception CA: clients must trust this certificate"
+        );
+    }
     let own: Arc<[SocketAddr]> = Arc::from(vec![proxy_addr, admin_addr]);
     let max_connections = config.limits.max_connections;
     let grace = config.limits.shutdown_grace;
+    let snapshot = Snapshot::build(config, own.clone())?;
     let state = Arc::new(State {
-        snapshot: ArcSwap::from_pointee(Snapshot::build(config, own.clone())),
+        snapshot: ArcSwap::from_pointee(snapshot),
+        interceptor: Interceptor::new(ca),
         own_listeners: own,
         draining: AtomicBool::new(false),
         tunnels: TaskTracker::new(),

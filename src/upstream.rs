@@ -13,6 +13,7 @@ use std::task::{Context, Poll};
 use http::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
@@ -136,14 +137,52 @@ pub fn http_client(dialer: Dialer) -> HttpClient {
         .build(Connector::new(dialer))
 }
 
-/// Finds the [`DialError`] behind a client error, if the failure was in dialling.
-pub fn dial_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a DialError> {
-    let mut source = Some(err);
-    while let Some(e) = source {
-        if let Some(dial) = e.downcast_ref::<DialError>() {
-            return Some(dial);
+/// The pooled client for TLS upstreams (intercepted requests): verifies the server against the
+/// snapshot's roots, negotiates h2 or HTTP/1.1 by ALPN.
+pub type HttpsClient = Client<HttpsConnector<Connector>, Body>;
+
+/// Builds the TLS-upstream client of a snapshot.
+pub fn https_client(dialer: Dialer, tls: rustls::ClientConfig) -> HttpsClient {
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(Connector::new(dialer));
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(std::time::Duration::from_secs(90))
+        .build(connector)
+}
+
+/// Walks an error's chain, looking inside `io::Error`s too (whose `source()` skips the error
+/// they wrap), and returns the first `T` found.
+fn find_in_chain<'a, T: std::error::Error + 'static>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
         }
-        source = e.source();
+        if let Some(inner) = e.downcast_ref::<io::Error>().and_then(|io| io.get_ref()) {
+            if let Some(found) = find_in_chain::<T>(inner) {
+                return Some(found);
+            }
+        }
+        current = e.source();
     }
     None
+}
+
+/// Finds the [`DialError`] behind a client error, if the failure was in dialling.
+pub fn dial_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a DialError> {
+    find_in_chain::<DialError>(err)
+}
+
+/// Finds the TLS failure behind a client error (an untrusted or mismatched certificate, a failed
+/// handshake).
+pub fn tls_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    find_in_chain::<rustls::Error>(err)
 }
