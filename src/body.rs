@@ -30,3 +30,29 @@ where
 {
     body.map_err(Into::into).boxed()
 }
+
+/// Most of a refused request's body the proxy reads (and drops) so the connection stays usable.
+const DISCARD_LIMIT_BYTES: usize = 1024 * 1024;
+/// Longest it waits for that.
+const DISCARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reads and drops the body of a request the proxy refuses, up to 1 MiB within 2 s, so that
+/// HTTP/1.1 keep-alive survives and an h2 client is not reset mid-upload. Larger or slower
+/// bodies are left unread (hyper then closes the connection or resets the stream).
+pub async fn discard<B>(mut body: B)
+where
+    B: http_body::Body + Unpin,
+{
+    let drain = async {
+        let mut seen = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Some(data) = frame.data_ref() {
+                seen += bytes::Buf::remaining(data);
+                if seen > DISCARD_LIMIT_BYTES {
+                    return;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DISCARD_TIMEOUT, drain).await;
+}

@@ -108,7 +108,10 @@ pub fn execute(cli: Cli) -> Result<ExitCode, CliError> {
             if ca.exists() {
                 println!("interception CA: {}", ca.display());
             } else {
-                println!("interception CA: {} (missing: generated at first start)", ca.display());
+                println!(
+                    "interception CA: {} (missing: generated at first start)",
+                    ca.display()
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -126,7 +129,11 @@ pub fn execute(cli: Cli) -> Result<ExitCode, CliError> {
                 }
             };
             tls::init_ca(&cert, &key, force)?;
-            println!("wrote CA certificate {} and key {} (mode 0600)", cert.display(), key.display());
+            println!(
+                "wrote CA certificate {} and key {} (mode 0600)",
+                cert.display(),
+                key.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Ca {

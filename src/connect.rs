@@ -14,9 +14,9 @@ use bytes::BytesMut;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use rustls::ServerConfig;
 use tokio::time::Instant;
 
 use crate::body::{self, Body};
@@ -125,7 +125,9 @@ async fn open(
             .interceptor
             .server_config(&host)
             .await
-            .map_err(|e| ProxyError::Internal(format!("cannot mint a certificate for {name}: {e}")))?;
+            .map_err(|e| {
+                ProxyError::Internal(format!("cannot mint a certificate for {name}: {e}"))
+            })?;
         return Ok((host, port, Opened::Intercept(tls)));
     }
     let dialed = snap

@@ -21,13 +21,24 @@ const VIA_VALUE: HeaderValue = HeaderValue::from_static("1.1 portcullis");
 
 /// Serves one non-CONNECT request arriving on the proxy listener.
 pub async fn handle(ctx: &ConnCtx, snap: &Snapshot, req: Request<Incoming>) -> Response<Body> {
-    match forward(ctx, snap, req).await {
-        Ok(response) => response,
+    let (parts, incoming) = req.into_parts();
+    let result = match admit(ctx, snap, &parts) {
+        Ok(admitted) => relay(snap, parts, incoming, admitted).await,
         Err(err) => {
-            tracing::debug!(peer = %ctx.peer, error = %err, "request refused");
-            err.to_response()
+            body::discard(incoming).await;
+            Err(err)
         }
-    }
+    };
+    result.unwrap_or_else(|err| {
+        tracing::debug!(peer = %ctx.peer, error = %err, "request refused");
+        err.to_response()
+    })
+}
+
+/// A request policy let through: where it goes and the rule that allowed it.
+struct Admitted<'s> {
+    target: Target,
+    rule: &'s Rule,
 }
 
 /// A parsed absolute-form target.
@@ -74,25 +85,34 @@ fn target(uri: &Uri) -> Result<Target, ProxyError> {
     })
 }
 
-async fn forward(
+/// Everything decided before any I/O: method, loop, target, policy.
+fn admit<'s>(
     ctx: &ConnCtx,
-    snap: &Snapshot,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, ProxyError> {
-    precheck(req.method(), req.headers())?;
-    let target = target(req.uri())?;
-    let path = policy::normalize_path(req.uri().path());
+    snap: &'s Snapshot,
+    parts: &http::request::Parts,
+) -> Result<Admitted<'s>, ProxyError> {
+    precheck(&parts.method, &parts.headers)?;
+    let target = target(&parts.uri)?;
+    let path = policy::normalize_path(parts.uri.path());
     let facts = RequestFacts {
         host: &target.host,
         port: target.port,
-        method: Some(req.method()),
+        method: Some(&parts.method),
         path: Some(&path),
         client: &ctx.client,
     };
     let rule = policy::decide(&snap.config.rules, &facts).map_err(ProxyError::Denied)?;
     refuse_plaintext_credential(rule, &target.host)?;
+    Ok(Admitted { target, rule })
+}
 
-    let (mut parts, incoming) = req.into_parts();
+async fn relay(
+    snap: &Snapshot,
+    mut parts: http::request::Parts,
+    incoming: Incoming,
+    admitted: Admitted<'_>,
+) -> Result<Response<Body>, ProxyError> {
+    let Admitted { target, rule } = admitted;
     prepare_request_headers(&mut parts.headers);
     parts.headers.insert(
         header::HOST,

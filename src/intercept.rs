@@ -10,6 +10,7 @@ use std::convert::Infallible;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use http::request::Parts;
 use http::uri::{Authority, PathAndQuery};
 use http::{header, Request, Response, Uri};
 use hyper::body::Incoming;
@@ -24,8 +25,8 @@ use crate::credentials::inject;
 use crate::error::ProxyError;
 use crate::forward::{precheck, prepare_request_headers, send};
 use crate::keepalive::{ConnTimer, CountingIo, ReadCounter};
-use crate::policy::{self, Host, RequestFacts};
-use crate::server::ConnCtx;
+use crate::policy::{self, Host, RequestFacts, Rule};
+use crate::server::{ConnCtx, Snapshot};
 
 /// The CONNECT target an intercepted tunnel serves.
 #[derive(Debug, Clone)]
@@ -102,35 +103,49 @@ pub async fn serve(ctx: ConnCtx, target: Target, upgraded: Upgraded, tls: Arc<Se
 
 /// Serves one request from inside an intercepted tunnel.
 async fn handle(ctx: &ConnCtx, target: &Target, req: Request<Incoming>) -> Response<Body> {
-    match relay(ctx, target, req).await {
-        Ok(response) => response,
-        Err(err) => {
-            tracing::debug!(peer = %ctx.peer, host = %target.host, error = %err, "inner request refused");
-            err.to_response()
-        }
-    }
-}
-
-async fn relay(
-    ctx: &ConnCtx,
-    target: &Target,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, ProxyError> {
     // Each inner request is judged against the rules current when it arrives.
     let snap = ctx.state.snapshot();
-    precheck(req.method(), req.headers())?;
-    check_authority(&req, target)?;
-    let path = policy::normalize_path(req.uri().path());
+    let (parts, incoming) = req.into_parts();
+    let result = match admit(ctx, &snap, target, &parts) {
+        Ok(rule) => relay(&snap, target, parts, incoming, rule).await,
+        Err(err) => {
+            body::discard(incoming).await;
+            Err(err)
+        }
+    };
+    result.unwrap_or_else(|err| {
+        tracing::debug!(peer = %ctx.peer, host = %target.host, error = %err, "inner request refused");
+        err.to_response()
+    })
+}
+
+/// Everything decided before any I/O: method, loop, authority, policy.
+fn admit<'s>(
+    ctx: &ConnCtx,
+    snap: &'s Snapshot,
+    target: &Target,
+    parts: &Parts,
+) -> Result<&'s Rule, ProxyError> {
+    precheck(&parts.method, &parts.headers)?;
+    check_authority(parts, target)?;
+    let path = policy::normalize_path(parts.uri.path());
     let facts = RequestFacts {
         host: &target.host,
         port: target.port,
-        method: Some(req.method()),
+        method: Some(&parts.method),
         path: Some(&path),
         client: &ctx.client,
     };
-    let rule = policy::decide(&snap.config.rules, &facts).map_err(ProxyError::Denied)?;
+    policy::decide(&snap.config.rules, &facts).map_err(ProxyError::Denied)
+}
 
-    let (mut parts, incoming) = req.into_parts();
+async fn relay(
+    snap: &Snapshot,
+    target: &Target,
+    mut parts: Parts,
+    incoming: Incoming,
+    rule: &Rule,
+) -> Result<Response<Body>, ProxyError> {
     prepare_request_headers(&mut parts.headers);
     // The upstream client derives Host (h1) or :authority (h2) from the URI.
     parts.headers.remove(header::HOST);
@@ -155,20 +170,26 @@ async fn relay(
     parts.version = http::Version::HTTP_11;
     let upstream = Request::from_parts(parts, body::boxed(incoming));
     let host = target.host.to_string();
-    send(&snap.https, upstream, &host, snap.config.limits.idle_timeout).await
+    send(
+        &snap.https,
+        upstream,
+        &host,
+        snap.config.limits.idle_timeout,
+    )
+    .await
 }
 
 /// The inner request must name the CONNECT host: by its URI authority (h2 `:authority`,
 /// absolute-form h1) and by its `Host` header, whichever it carries.
-fn check_authority(req: &Request<Incoming>, target: &Target) -> Result<(), ProxyError> {
-    if let Some(scheme) = req.uri().scheme_str() {
+fn check_authority(parts: &Parts, target: &Target) -> Result<(), ProxyError> {
+    if let Some(scheme) = parts.uri.scheme_str() {
         if scheme != "https" {
             return Err(ProxyError::BadRequest(format!(
                 "{scheme}:// requests cannot be sent inside a TLS tunnel"
             )));
         }
     }
-    let host_header = match req.headers().get(header::HOST) {
+    let host_header = match parts.headers.get(header::HOST) {
         Some(value) => Some(
             value
                 .to_str()
@@ -178,7 +199,12 @@ fn check_authority(req: &Request<Incoming>, target: &Target) -> Result<(), Proxy
         ),
         None => None,
     };
-    let named: Vec<&Authority> = req.uri().authority().into_iter().chain(&host_header).collect();
+    let named: Vec<&Authority> = parts
+        .uri
+        .authority()
+        .into_iter()
+        .chain(&host_header)
+        .collect();
     if named.is_empty() {
         return Err(ProxyError::BadRequest("missing Host header".into()));
     }

@@ -230,8 +230,9 @@ pub struct RequestFacts<'a> {
     pub client: &'a str,
 }
 
-/// Why policy refused a request. The most specific near miss wins, so a denial tells the
-/// operator what to change ("port 8080 is not allowed", not just "denied").
+/// Why policy refused a request. The closest near miss wins, so a denial tells the operator what
+/// to change ("port 8080 is not allowed", not just "denied"). Conditions are checked host →
+/// port → path → method, and a rule that failed later came closer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Denial {
     /// No rule names this host (for this client).
@@ -283,8 +284,8 @@ impl Denial {
         match self {
             Self::NoRule { .. } => 0,
             Self::Port { .. } => 1,
-            Self::Method { .. } => 2,
-            Self::Path { .. } => 3,
+            Self::Path { .. } => 2,
+            Self::Method { .. } => 3,
             Self::PlaintextCredential { .. } => 4,
         }
     }
@@ -332,20 +333,20 @@ pub fn decide<'r>(rules: &'r [Rule], req: &RequestFacts<'_>) -> Result<&'r Rule,
             });
             continue;
         }
-        if let (Some(methods), Some(method)) = (&rule.methods, req.method) {
-            if !methods.contains(method) {
-                consider(Denial::Method {
-                    host: host.clone(),
-                    method: method.to_string(),
-                });
-                continue;
-            }
-        }
         if let (Some(paths), Some(path)) = (&rule.paths, req.path) {
             if !paths.is_match(path) {
                 consider(Denial::Path {
                     host: host.clone(),
                     path: path.to_owned(),
+                });
+                continue;
+            }
+        }
+        if let (Some(methods), Some(method)) = (&rule.methods, req.method) {
+            if !methods.contains(method) {
+                consider(Denial::Method {
+                    host: host.clone(),
+                    method: method.to_string(),
                 });
                 continue;
             }
@@ -562,10 +563,15 @@ mod tests {
             Some("reader")
         );
         f.path = Some("/repository/maven/snapshots/a.jar");
-        assert_eq!(decide(&rules, &f).unwrap_err().code(), "path_not_allowed");
+        // The push rule takes any path, so the closest miss is its method.
+        assert_eq!(decide(&rules, &f).unwrap_err().code(), "method_not_allowed");
+        assert_eq!(
+            decide(&rules[..1], &f).unwrap_err().code(),
+            "path_not_allowed"
+        );
         f.path = Some("/repository/a/b/releases/x");
         assert_eq!(
-            decide(&rules, &f).unwrap_err().code(),
+            decide(&rules[..1], &f).unwrap_err().code(),
             "path_not_allowed",
             "* crosses no '/'"
         );

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration as StdDuration, Instant};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -90,7 +90,8 @@ pub struct CertificateAuthority {
 
 impl std::fmt::Debug for CertificateAuthority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertificateAuthority").finish_non_exhaustive()
+        f.debug_struct("CertificateAuthority")
+            .finish_non_exhaustive()
     }
 }
 
@@ -407,7 +408,10 @@ mod tests {
         assert_ne!(serial_a, serial_b);
         assert_eq!(serial_a.len(), 16);
         let now = OffsetDateTime::now_utc().unix_timestamp();
-        assert!(now - not_before >= 3500, "not_before is in the past for clock skew");
+        assert!(
+            now - not_before >= 3500,
+            "not_before is in the past for clock skew"
+        );
     }
 
     #[test]
@@ -431,7 +435,10 @@ mod tests {
             CertificateAuthority::load_or_create(&cert, &key),
             Err(TlsError::HalfCa { .. })
         ));
-        assert!(matches!(init_ca(&cert, &key, false), Err(TlsError::Exists(_))));
+        assert!(matches!(
+            init_ca(&cert, &key, false),
+            Err(TlsError::Exists(_))
+        ));
         init_ca(&cert, &key, true).unwrap();
     }
 }

@@ -177,7 +177,11 @@ pub fn generated_body(n: u64) -> Body {
 /// - `/redirect`: 302 to another host;
 /// - `/basic/USER/PASS`: 401 unless that basic credential is sent;
 /// - anything else: 200 with a JSON summary of what was received.
-async fn route(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<Body> {
+async fn route(
+    req: Request<Incoming>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    files: Option<Arc<StaticFiles>>,
+) -> Response<Body> {
     let mut record = record(&req);
     let path = req.uri().path().to_owned();
     let reply = |status: StatusCode, body: Body| {
@@ -185,6 +189,23 @@ async fn route(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<
         *r.status_mut() = status;
         r
     };
+    if let (Some(files), Some(rest)) = (files, path.strip_prefix("/git/")) {
+        let authorized = record.header("authorization") == Some(files.authorization.as_str());
+        seen.lock().unwrap().push(record);
+        if !authorized {
+            let mut r = reply(StatusCode::UNAUTHORIZED, body::full("unauthorized\n"));
+            r.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                "Basic realm=\"git\"".parse().unwrap(),
+            );
+            return r;
+        }
+        let file = files.root.join(rest);
+        return match (rest.contains(".."), std::fs::read(&file)) {
+            (false, Ok(bytes)) => reply(StatusCode::OK, body::full(bytes)),
+            _ => reply(StatusCode::NOT_FOUND, body::full("not found\n")),
+        };
+    }
     if let Some(n) = path.strip_prefix("/stream/") {
         seen.lock().unwrap().push(record);
         let n: u64 = n.parse().unwrap_or(0);
@@ -216,13 +237,7 @@ async fn route(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<
     record.body_bytes = total;
     if let Some(rest) = path.strip_prefix("/basic/") {
         let (user, pass) = rest.split_once('/').unwrap_or((rest, ""));
-        let want = format!(
-            "Basic {}",
-            base64::Engine::encode(
-                &base64::engine::general_purpose::STANDARD,
-                format!("{user}:{pass}")
-            )
-        );
+        let want = basic(user, pass);
         let ok = record.header("authorization") == Some(want.as_str());
         seen.lock().unwrap().push(record);
         if !ok {
@@ -254,15 +269,22 @@ async fn route(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<
     r
 }
 
+/// Files served under `/git/` (a dumb-HTTP git repository) to requests carrying `authorization`.
+pub struct StaticFiles {
+    pub root: PathBuf,
+    pub authorization: String,
+}
+
 /// A plain-HTTP upstream on 127.0.0.1.
 pub async fn http_upstream() -> Upstream {
-    serve_upstream(None, None).await
+    serve_upstream(None, None, None).await
 }
 
 /// Serves [`route`] on 127.0.0.1, over TLS when `acceptor` is given.
 async fn serve_upstream(
     acceptor: Option<tokio_rustls::TlsAcceptor>,
     ca_pem: Option<String>,
+    files: Option<Arc<StaticFiles>>,
 ) -> Upstream {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -275,10 +297,12 @@ async fn serve_upstream(
             };
             let seen = seen2.clone();
             let acceptor = acceptor.clone();
+            let files = files.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
                     let seen = seen.clone();
-                    async move { Ok::<_, Infallible>(route(req, seen).await) }
+                    let files = files.clone();
+                    async move { Ok::<_, Infallible>(route(req, seen, files).await) }
                 });
                 let server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                 match acceptor {
@@ -330,6 +354,11 @@ pub fn test_pki(
 
 /// A TLS upstream (HTTP/1.1 and h2 by ALPN) whose certificate names `names`.
 pub async fn tls_upstream(names: &[&str]) -> Upstream {
+    tls_upstream_with(names, None).await
+}
+
+/// A TLS upstream that also serves `files` under `/git/`.
+pub async fn tls_upstream_with(names: &[&str], files: Option<StaticFiles>) -> Upstream {
     let (ca_pem, chain, key) = test_pki(names);
     let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -341,7 +370,7 @@ pub async fn tls_upstream(names: &[&str]) -> Upstream {
     .unwrap();
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    serve_upstream(Some(acceptor), Some(ca_pem)).await
+    serve_upstream(Some(acceptor), Some(ca_pem), files.map(Arc::new)).await
 }
 
 /// Root store trusting a TLS upstream's test CA.
@@ -374,6 +403,17 @@ pub async fn tls_connect(
         Ok(result) => result,
         Err(_) => Err(std::io::Error::other("TLS handshake timed out")),
     }
+}
+
+/// `Basic base64(user:pass)`.
+pub fn basic(user: &str, pass: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            format!("{user}:{pass}")
+        )
+    )
 }
 
 /// A reqwest client that uses `proxy` for everything.
