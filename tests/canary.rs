@@ -1,0 +1,174 @@
+//! The canary: secrets of every credential kind and every source (env, file, value) are used for
+//! real traffic through a proxy running as its own process with verbose logging, then searched
+//! for in everything the proxy wrote: stdout, stderr, and the bodies of responses it generated.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
+const ENV_SECRET: &str = "CANARY-env-3b9f1e";
+const FILE_SECRET: &str = "CANARY-file-8d2c7a";
+const VALUE_SECRET: &str = "CANARY-value-51ae0c";
+
+struct Running {
+    child: Child,
+    proxy: String,
+    stderr_lines: mpsc::Receiver<String>,
+}
+
+fn spawn_proxy(config_path: &std::path::Path) -> Running {
+    let mut child = Command::new(BIN)
+        .args(["run", "-c", config_path.to_str().unwrap()])
+        .env("RUST_LOG", "debug")
+        .env("PORTCULLIS_CANARY_TOKEN", ENV_SECRET)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    loop {
+        assert!(Instant::now() < deadline, "proxy did not start: {seen:?}");
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
+            if line.contains("portcullis listening") {
+                let addr = line
+                    .split("proxy_addr=")
+                    .nth(1)
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .unwrap()
+                    .to_owned();
+                seen.push(line);
+                return Running {
+                    child,
+                    proxy: format!("http://{addr}"),
+                    stderr_lines: rx,
+                };
+            }
+            seen.push(line);
+        }
+    }
+}
+
+#[tokio::test]
+async fn no_secret_reaches_any_output() {
+    let up = tls_upstream(&["secure.test"]).await;
+    let plain = http_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    up.write_ca(dir.path(), "upstream-ca.pem");
+    std::fs::write(dir.path().join("secret-file"), format!("{FILE_SECRET}\r\n")).unwrap();
+    let (port, plain_port) = (up.port(), plain.port());
+    let config = format!(
+        r#"
+[listen]
+proxy = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+[tls]
+extra_upstream_ca = ["upstream-ca.pem"]
+[network]
+allow_cidrs = ["127.0.0.0/8"]
+resolve = {{ "secure.test" = ["127.0.0.1"], "plain.test" = ["127.0.0.1"] }}
+[credentials.from-env]
+bearer = {{ env = "PORTCULLIS_CANARY_TOKEN" }}
+[credentials.from-file]
+basic = {{ username = "svc", password = {{ file = "secret-file" }} }}
+[credentials.from-value]
+header = {{ name = "X-API-Key", value = {{ value = "{VALUE_SECRET}" }} }}
+[[hosts]]
+host = "secure.test"
+ports = [{port}]
+paths = ["/env/**"]
+credential = "from-env"
+[[hosts]]
+host = "secure.test"
+ports = [{port}]
+paths = ["/file/**"]
+credential = "from-file"
+[[hosts]]
+host = "secure.test"
+ports = [{port}]
+paths = ["/value/**"]
+credential = "from-value"
+[[hosts]]
+host = "plain.test"
+ports = [{plain_port}]
+credential = "from-value"
+"#
+    );
+    let config_path = dir.path().join("canary.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let mut running = spawn_proxy(&config_path);
+    let ca = dir.path().join("state/ca.pem");
+    let proxy = running.proxy.clone();
+    let base = format!("https://secure.test:{port}");
+    let mut generated = Vec::new();
+
+    for path in ["/env/count", "/file/count", "/value/count"] {
+        // /count answers only a length, so any secret in a body would be the proxy's doing.
+        let out = curl(&["-x", &proxy, "--cacert", ca.to_str().unwrap(), &format!("{base}{path}")]).await;
+        assert_eq!(out.status, 200, "{path}: {out:?}");
+        assert_eq!(out.body, "0");
+    }
+    // Every injected credential reached the upstream.
+    let seen = up.seen.lock().unwrap().clone();
+    assert_eq!(seen[0].header("authorization"), Some(format!("Bearer {ENV_SECRET}").as_str()));
+    assert_eq!(seen[1].header("authorization"), Some(basic("svc", FILE_SECRET).as_str()));
+    assert_eq!(seen[2].header("x-api-key"), Some(VALUE_SECRET));
+
+    // Refusals of every kind the proxy generates, each with a secret-bearing request.
+    let refusals: Vec<Vec<String>> = vec![
+        vec!["-i".into(), format!("{base}/elsewhere?token={VALUE_SECRET}")],
+        vec!["-i".into(), "--http1.1".into(), "-H".into(), "Host: other.test".into(), format!("{base}/env/x")],
+        vec!["-i".into(), "-H".into(), format!("Authorization: Bearer {ENV_SECRET}"), format!("http://plain.test:{plain_port}/")],
+        vec!["-i".into(), "-X".into(), "TRACE".into(), format!("{base}/env/x")],
+    ];
+    for args in refusals {
+        let mut all = vec!["-x".to_owned(), proxy.clone(), "--cacert".into(), ca.to_str().unwrap().into()];
+        all.extend(args);
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        let out = curl(&refs).await;
+        assert!(out.status >= 400, "{out:?}");
+        generated.push(out.body);
+    }
+
+    // Stop, then collect every byte the process wrote.
+    Command::new("kill")
+        .args(["-TERM", &running.child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while running.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "proxy did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut stdout = String::new();
+    running.child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    let stderr: Vec<String> = running.stderr_lines.try_iter().collect();
+    let stderr = stderr.join("\n");
+    assert!(stderr.contains("DEBUG"), "debug logging was on");
+
+    for secret in [ENV_SECRET, FILE_SECRET, VALUE_SECRET] {
+        assert!(!stdout.contains(secret), "{secret} in stdout");
+        assert!(!stderr.contains(secret), "{secret} in stderr");
+        for body in &generated {
+            assert!(!body.contains(secret), "{secret} in a generated response: {body}");
+        }
+    }
+    // Base64 of the basic credential must not leak either.
+    let encoded = basic("svc", FILE_SECRET);
+    let encoded = encoded.trim_start_matches("Basic ");
+    assert!(!stdout.contains(encoded) && !stderr.contains(encoded));
+}
