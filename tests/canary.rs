@@ -118,25 +118,62 @@ credential = "from-value"
 
     for path in ["/env/count", "/file/count", "/value/count"] {
         // /count answers only a length, so any secret in a body would be the proxy's doing.
-        let out = curl(&["-x", &proxy, "--cacert", ca.to_str().unwrap(), &format!("{base}{path}")]).await;
+        let out = curl(&[
+            "-x",
+            &proxy,
+            "--cacert",
+            ca.to_str().unwrap(),
+            &format!("{base}{path}"),
+        ])
+        .await;
         assert_eq!(out.status, 200, "{path}: {out:?}");
         assert_eq!(out.body, "0");
     }
     // Every injected credential reached the upstream.
     let seen = up.seen.lock().unwrap().clone();
-    assert_eq!(seen[0].header("authorization"), Some(format!("Bearer {ENV_SECRET}").as_str()));
-    assert_eq!(seen[1].header("authorization"), Some(basic("svc", FILE_SECRET).as_str()));
+    assert_eq!(
+        seen[0].header("authorization"),
+        Some(format!("Bearer {ENV_SECRET}").as_str())
+    );
+    assert_eq!(
+        seen[1].header("authorization"),
+        Some(basic("svc", FILE_SECRET).as_str())
+    );
     assert_eq!(seen[2].header("x-api-key"), Some(VALUE_SECRET));
 
     // Refusals of every kind the proxy generates, each with a secret-bearing request.
     let refusals: Vec<Vec<String>> = vec![
-        vec!["-i".into(), format!("{base}/elsewhere?token={VALUE_SECRET}")],
-        vec!["-i".into(), "--http1.1".into(), "-H".into(), "Host: other.test".into(), format!("{base}/env/x")],
-        vec!["-i".into(), "-H".into(), format!("Authorization: Bearer {ENV_SECRET}"), format!("http://plain.test:{plain_port}/")],
-        vec!["-i".into(), "-X".into(), "TRACE".into(), format!("{base}/env/x")],
+        vec![
+            "-i".into(),
+            format!("{base}/elsewhere?token={VALUE_SECRET}"),
+        ],
+        vec![
+            "-i".into(),
+            "--http1.1".into(),
+            "-H".into(),
+            "Host: other.test".into(),
+            format!("{base}/env/x"),
+        ],
+        vec![
+            "-i".into(),
+            "-H".into(),
+            format!("Authorization: Bearer {ENV_SECRET}"),
+            format!("http://plain.test:{plain_port}/"),
+        ],
+        vec![
+            "-i".into(),
+            "-X".into(),
+            "TRACE".into(),
+            format!("{base}/env/x"),
+        ],
     ];
     for args in refusals {
-        let mut all = vec!["-x".to_owned(), proxy.clone(), "--cacert".into(), ca.to_str().unwrap().into()];
+        let mut all = vec![
+            "-x".to_owned(),
+            proxy.clone(),
+            "--cacert".into(),
+            ca.to_str().unwrap().into(),
+        ];
         all.extend(args);
         let refs: Vec<&str> = all.iter().map(String::as_str).collect();
         let out = curl(&refs).await;
@@ -155,7 +192,13 @@ credential = "from-value"
         std::thread::sleep(Duration::from_millis(50));
     }
     let mut stdout = String::new();
-    running.child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    running
+        .child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
     let stderr: Vec<String> = running.stderr_lines.try_iter().collect();
     let stderr = stderr.join("\n");
     assert!(stderr.contains("DEBUG"), "debug logging was on");
@@ -164,7 +207,10 @@ credential = "from-value"
         assert!(!stdout.contains(secret), "{secret} in stdout");
         assert!(!stderr.contains(secret), "{secret} in stderr");
         for body in &generated {
-            assert!(!body.contains(secret), "{secret} in a generated response: {body}");
+            assert!(
+                !body.contains(secret),
+                "{secret} in a generated response: {body}"
+            );
         }
     }
     // Base64 of the basic credential must not leak either.

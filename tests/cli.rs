@@ -204,14 +204,26 @@ fn ca_init_writes_a_p256_ca_with_a_private_key_and_refuses_to_overwrite() {
     let key = dir.path().join("ca/ca-key.pem");
     let init = |force: bool| {
         let mut cmd = Command::new(BIN);
-        cmd.args(["ca", "init", "--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap()]);
+        cmd.args([
+            "ca",
+            "init",
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ]);
         if force {
             cmd.arg("--force");
         }
         cmd.output().unwrap()
     };
     let out = init(false);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let pem = std::fs::read_to_string(&cert).unwrap();
     let der = rustls::pki_types::pem::PemObject::from_pem_slice(pem.as_bytes())
         .map(|d: rustls::pki_types::CertificateDer<'static>| d)
@@ -219,20 +231,37 @@ fn ca_init_writes_a_p256_ca_with_a_private_key_and_refuses_to_overwrite() {
     let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
     assert!(parsed.is_ca());
     assert_eq!(
-        parsed.public_key().algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok()).map(|o| o.to_id_string()),
+        parsed
+            .public_key()
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok())
+            .map(|o| o.to_id_string()),
         Some("1.2.840.10045.3.1.7".to_owned()),
         "ECDSA P-256"
     );
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
 
     let out = init(false);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
-    assert_eq!(std::fs::read_to_string(&cert).unwrap(), pem, "not overwritten");
+    assert_eq!(
+        std::fs::read_to_string(&cert).unwrap(),
+        pem,
+        "not overwritten"
+    );
     let out = init(true);
     assert_eq!(out.status.code(), Some(0));
-    assert_ne!(std::fs::read_to_string(&cert).unwrap(), pem, "overwritten with --force");
+    assert_ne!(
+        std::fs::read_to_string(&cert).unwrap(),
+        pem,
+        "overwritten with --force"
+    );
     let key_text = std::fs::read_to_string(&key).unwrap();
     assert!(!String::from_utf8_lossy(&out.stdout).contains(key_text.trim()));
 }
@@ -241,7 +270,11 @@ fn ca_init_writes_a_p256_ca_with_a_private_key_and_refuses_to_overwrite() {
 fn ca_show_prints_the_ca_in_use() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("p.toml");
-    std::fs::write(&config, "[tls]\nca_cert = \"my-ca.pem\"\nca_key = \"my-ca-key.pem\"\n").unwrap();
+    std::fs::write(
+        &config,
+        "[tls]\nca_cert = \"my-ca.pem\"\nca_key = \"my-ca-key.pem\"\n",
+    )
+    .unwrap();
     let show = || {
         Command::new(BIN)
             .args(["ca", "show", "-c", config.to_str().unwrap()])
@@ -256,10 +289,18 @@ fn ca_show_prints_the_ca_in_use() {
         .args(["ca", "init", "-c", config.to_str().unwrap()])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = show();
     assert_eq!(out.status.code(), Some(0));
     let printed = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(printed.starts_with("-----BEGIN CERTIFICATE-----"));
-    assert_eq!(printed, std::fs::read_to_string(dir.path().join("my-ca.pem")).unwrap());
+    assert_eq!(
+        printed,
+        std::fs::read_to_string(dir.path().join("my-ca.pem")).unwrap()
+    );
 }
