@@ -6,7 +6,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -18,21 +18,23 @@ const FILE_SECRET: &str = "CANARY-file-8d2c7a";
 const VALUE_SECRET: &str = "CANARY-value-51ae0c";
 
 struct Running {
-    child: Child,
+    child: ChildGuard,
     proxy: String,
     stderr_lines: mpsc::Receiver<String>,
 }
 
 fn spawn_proxy(config_path: &std::path::Path) -> Running {
-    let mut child = Command::new(BIN)
-        .args(["run", "-c", config_path.to_str().unwrap()])
-        .env("RUST_LOG", "debug")
-        .env("PORTCULLIS_CANARY_TOKEN", ENV_SECRET)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
+    let mut child = ChildGuard(
+        Command::new(BIN)
+            .args(["run", "-c", config_path.to_str().unwrap()])
+            .env("RUST_LOG", "debug")
+            .env("PORTCULLIS_CANARY_TOKEN", ENV_SECRET)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = child.0.stderr.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -182,23 +184,10 @@ credential = "from-value"
     }
 
     // Stop, then collect every byte the process wrote.
-    Command::new("kill")
-        .args(["-TERM", &running.child.id().to_string()])
-        .status()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while running.child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "proxy did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert_eq!(running.child.terminate(Duration::from_secs(20)), Some(0));
     let mut stdout = String::new();
-    running
-        .child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .unwrap();
+    let mut pipe = running.child.0.stdout.take().unwrap();
+    pipe.read_to_string(&mut stdout).unwrap();
     let stderr: Vec<String> = running.stderr_lines.try_iter().collect();
     let stderr = stderr.join("\n");
     assert!(stderr.contains("DEBUG"), "debug logging was on");
