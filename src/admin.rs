@@ -62,6 +62,23 @@ fn route(state: &State, req: &Request<Incoming>) -> Response<Body> {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if state.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
         "/readyz" => text(StatusCode::OK, "ready\n"),
+        "/metrics" => {
+            let mut response = Response::new(body::full(state.telemetry.metrics.render()));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
+        "/ca.pem" => {
+            let pem = state.interceptor.ca().cert_pem().to_owned();
+            let mut response = Response::new(body::full(pem));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/x-pem-file"),
+            );
+            response
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

@@ -19,12 +19,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::audit::{Kind, Record};
 use crate::body::{self, Body};
 use crate::error::ProxyError;
 use crate::forward::precheck;
 use crate::intercept;
 use crate::policy::{self, normalize_host, Host, RequestFacts};
-use crate::server::{ConnCtx, Snapshot};
+use crate::server::{ConnCtx, Gauged, Snapshot};
 
 /// What the CONNECT opened before answering 200.
 enum Opened {
@@ -34,15 +35,32 @@ enum Opened {
     Intercept(Arc<ServerConfig>),
 }
 
-/// Serves one CONNECT request.
+/// Serves one CONNECT request. Its audit event (kind `tunnel`) is written when the tunnel ends,
+/// or at once if the CONNECT is refused.
 pub async fn handle(ctx: &ConnCtx, snap: &Snapshot, mut req: Request<Incoming>) -> Response<Body> {
-    let (host, port, opened) = match open(ctx, snap, &req).await {
+    let telemetry = ctx.state.telemetry.clone();
+    let mut record = Record::new(
+        &telemetry,
+        snap.masker.clone(),
+        Kind::Tunnel,
+        &ctx.client,
+        ctx.peer,
+        req.method(),
+    );
+    let opened = if ctx.state.is_draining() {
+        Err(ProxyError::Draining)
+    } else {
+        open(ctx, snap, &req, &mut record).await
+    };
+    let (host, port, opened) = match opened {
         Ok(opened) => opened,
         Err(err) => {
             tracing::debug!(peer = %ctx.peer, error = %err, "CONNECT refused");
-            return err.to_response();
+            record.fail(&telemetry, &err);
+            return telemetry.finish_response(record, err.to_response());
         }
     };
+    record.event.status = Some(200);
     let on_upgrade = hyper::upgrade::on(&mut req);
     let tunnel_ctx = ctx.clone();
     let limits = snap.config.limits.clone();
@@ -51,37 +69,45 @@ pub async fn handle(ctx: &ConnCtx, snap: &Snapshot, mut req: Request<Incoming>) 
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {
-                tracing::debug!(error = %e, "CONNECT upgrade failed");
+                record.finish_tunnel(&telemetry, 0, 0, Some(format!("CONNECT upgrade failed: {e}")));
                 return;
             }
         };
-        let upstream = match opened {
+        let _active = Gauged::new(&telemetry.metrics.active_tunnels);
+        let (up, down, error) = match opened {
             Opened::Intercept(tls) => {
                 let target = intercept::Target { host, port };
-                return intercept::serve(tunnel_ctx, target, upgraded, tls).await;
+                tokio::select! {
+                    counts = intercept::serve(tunnel_ctx, target, upgraded, tls) => counts,
+                    () = stop.cancelled() => (0, 0, Some("cut at shutdown".to_owned())),
+                }
             }
-            Opened::Tunnel(upstream) => upstream,
+            Opened::Tunnel(upstream) => {
+                let relay = relay(
+                    TokioIo::new(upgraded),
+                    upstream,
+                    &host,
+                    limits.idle_timeout,
+                    limits.header_read_timeout,
+                );
+                let outcome = tokio::select! {
+                    outcome = relay => outcome,
+                    () = stop.cancelled() => RelayOutcome { bytes_up: 0, bytes_down: 0, end: TunnelEnd::Shutdown },
+                };
+                tracing::debug!(
+                    peer = %tunnel_ctx.peer,
+                    host = %host,
+                    port,
+                    up = outcome.bytes_up,
+                    down = outcome.bytes_down,
+                    end = outcome.end.as_str(),
+                    "tunnel closed"
+                );
+                let error = (outcome.end != TunnelEnd::Closed).then(|| outcome.end.as_str().to_owned());
+                (outcome.bytes_up, outcome.bytes_down, error)
+            }
         };
-        let relay = relay(
-            TokioIo::new(upgraded),
-            upstream,
-            &host,
-            limits.idle_timeout,
-            limits.header_read_timeout,
-        );
-        let outcome = tokio::select! {
-            outcome = relay => outcome,
-            () = stop.cancelled() => return,
-        };
-        tracing::debug!(
-            peer = %tunnel_ctx.peer,
-            host = %host,
-            port,
-            up = outcome.bytes_up,
-            down = outcome.bytes_down,
-            end = outcome.end.as_str(),
-            "tunnel closed"
-        );
+        record.finish_tunnel(&telemetry, up, down, error);
     });
     let mut response = Response::new(body::empty());
     *response.status_mut() = StatusCode::OK;
@@ -95,12 +121,19 @@ async fn open(
     ctx: &ConnCtx,
     snap: &Snapshot,
     req: &Request<Incoming>,
+    record: &mut Record,
 ) -> Result<(Host, u16, Opened), ProxyError> {
-    precheck(req.method(), req.headers())?;
     let authority = req
         .uri()
         .authority()
         .ok_or_else(|| ProxyError::BadRequest("CONNECT needs host:port".into()))?;
+    record.target(
+        None,
+        authority.host(),
+        authority.port_u16().unwrap_or(0),
+        None,
+    );
+    precheck(req.method(), req.headers())?;
     let port = authority
         .port_u16()
         .ok_or_else(|| ProxyError::BadRequest("CONNECT needs host:port".into()))?;
@@ -114,8 +147,10 @@ async fn open(
         client: &ctx.client,
     };
     let rule = policy::decide(&snap.config.rules, &facts).map_err(ProxyError::Denied)?;
+    record.rule(rule);
     let name = host.to_string();
     if rule.intercepts() {
+        record.event.intercepted = true;
         snap.dialer
             .resolve_checked(&host, port)
             .await
@@ -135,6 +170,7 @@ async fn open(
         .dial(&host, port)
         .await
         .map_err(|e| ProxyError::from_dial(&name, &e))?;
+    record.event.upstream_addr = Some(dialed.addr.to_string());
     Ok((host, port, Opened::Tunnel(dialed.stream)))
 }
 
@@ -151,6 +187,8 @@ pub enum TunnelEnd {
     BadClientHello,
     /// A socket error.
     Error,
+    /// Cut when the shutdown grace period ended.
+    Shutdown,
 }
 
 impl TunnelEnd {
@@ -162,6 +200,7 @@ impl TunnelEnd {
             Self::SniMismatch => "sni_mismatch",
             Self::BadClientHello => "bad_client_hello",
             Self::Error => "error",
+            Self::Shutdown => "cut at shutdown",
         }
     }
 }

@@ -56,6 +56,12 @@ pub enum ProxyError {
         /// Short human reason ("connection refused to 1.2.3.4:443").
         reason: String,
     },
+    /// The upstream closed or reset the connection before answering.
+    #[error("host {host} closed the connection before responding")]
+    UpstreamReset {
+        /// The host the client asked for.
+        host: String,
+    },
     /// The upstream's TLS certificate did not verify, or its handshake failed.
     #[error("host {host} failed TLS verification: {reason}")]
     UpstreamTls {
@@ -102,9 +108,10 @@ impl ProxyError {
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Denied(_) | Self::Prohibited { .. } => StatusCode::FORBIDDEN,
             Self::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
-            Self::Dns { .. } | Self::Unavailable { .. } | Self::UpstreamTls { .. } => {
-                StatusCode::BAD_GATEWAY
-            }
+            Self::Dns { .. }
+            | Self::Unavailable { .. }
+            | Self::UpstreamReset { .. }
+            | Self::UpstreamTls { .. } => StatusCode::BAD_GATEWAY,
             Self::Overloaded | Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -121,7 +128,7 @@ impl ProxyError {
             }
             Self::Prohibited { .. } => "destination_ip_prohibited",
             Self::Dns { .. } => "dns_error",
-            Self::Unavailable { .. } => "destination_unavailable",
+            Self::Unavailable { .. } | Self::UpstreamReset { .. } => "destination_unavailable",
             Self::UpstreamTls { .. } => "tls_certificate_error",
             Self::Timeout { .. } => "connection_timeout",
             Self::Overloaded | Self::Draining | Self::Internal(_) => "proxy_internal_error",
@@ -138,7 +145,7 @@ impl ProxyError {
             Self::Denied(d) => d.code(),
             Self::Prohibited { .. } => "destination_prohibited",
             Self::Dns { .. } => "dns_error",
-            Self::Unavailable { .. } => "destination_unavailable",
+            Self::Unavailable { .. } | Self::UpstreamReset { .. } => "destination_unavailable",
             Self::UpstreamTls { .. } => "upstream_tls",
             Self::Timeout { .. } => "timeout",
             Self::Overloaded => "overloaded",
@@ -146,6 +153,33 @@ impl ProxyError {
             Self::Draining => "draining",
             Self::Loop => "loop",
             Self::Misdirected { .. } => "misdirected",
+        }
+    }
+
+    /// Whether this is a refusal (audited as `deny`), as opposed to a failure after the request
+    /// was allowed (audited as `allow` with an `error`).
+    pub fn is_denial(&self) -> bool {
+        matches!(
+            self,
+            Self::BadRequest(_)
+                | Self::OriginForm
+                | Self::MethodNotAllowed(_)
+                | Self::Denied(_)
+                | Self::Prohibited { .. }
+                | Self::Loop
+                | Self::Misdirected { .. }
+        )
+    }
+
+    /// The `portcullis_upstream_errors_total` kind, for failures reaching an upstream.
+    pub fn upstream_error_kind(&self) -> Option<&'static str> {
+        match self {
+            Self::Dns { .. } => Some("dns"),
+            Self::Unavailable { .. } => Some("connect"),
+            Self::UpstreamReset { .. } => Some("reset"),
+            Self::UpstreamTls { .. } => Some("tls"),
+            Self::Timeout { .. } => Some("timeout"),
+            _ => None,
         }
     }
 

@@ -8,22 +8,28 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, Uri};
 use hyper::body::Incoming;
 
+use crate::audit::{Counted, Record};
 use crate::body::{self, Body};
 use crate::credentials::inject;
 use crate::error::ProxyError;
 use crate::policy::{self, Denial, Host, RequestFacts, Rule};
 use crate::server::{ConnCtx, Snapshot};
-use crate::upstream::{dial_error, tls_error};
+use crate::upstream::{dial_error, tls_error, UpstreamAddr};
 
 /// Our `Via` received-by token. A request already carrying it has looped back to us.
 pub const VIA_TOKEN: &str = "portcullis";
 const VIA_VALUE: HeaderValue = HeaderValue::from_static("1.1 portcullis");
 
-/// Serves one non-CONNECT request arriving on the proxy listener.
-pub async fn handle(ctx: &ConnCtx, snap: &Snapshot, req: Request<Incoming>) -> Response<Body> {
+/// Serves one non-CONNECT request arriving on the proxy listener, filling its audit record.
+pub async fn handle(
+    ctx: &ConnCtx,
+    snap: &Snapshot,
+    req: Request<Incoming>,
+    record: &mut Record,
+) -> Response<Body> {
     let (parts, incoming) = req.into_parts();
-    let result = match admit(ctx, snap, &parts) {
-        Ok(admitted) => relay(snap, parts, incoming, admitted).await,
+    let result = match admit(ctx, snap, &parts, record) {
+        Ok(admitted) => relay(ctx, snap, parts, incoming, admitted, record).await,
         Err(err) => {
             body::discard(incoming).await;
             Err(err)
@@ -31,6 +37,7 @@ pub async fn handle(ctx: &ConnCtx, snap: &Snapshot, req: Request<Incoming>) -> R
     };
     result.unwrap_or_else(|err| {
         tracing::debug!(peer = %ctx.peer, error = %err, "request refused");
+        record.fail(&ctx.state.telemetry, &err);
         err.to_response()
     })
 }
@@ -90,7 +97,12 @@ fn admit<'s>(
     ctx: &ConnCtx,
     snap: &'s Snapshot,
     parts: &http::request::Parts,
+    record: &mut Record,
 ) -> Result<Admitted<'s>, ProxyError> {
+    if let Some(host) = parts.uri.host() {
+        let port = parts.uri.port_u16().unwrap_or(80);
+        record.target(Some("http"), host, port, Some(&parts.uri));
+    }
     precheck(&parts.method, &parts.headers)?;
     let target = target(&parts.uri)?;
     let path = policy::normalize_path(parts.uri.path());
@@ -102,15 +114,18 @@ fn admit<'s>(
         client: &ctx.client,
     };
     let rule = policy::decide(&snap.config.rules, &facts).map_err(ProxyError::Denied)?;
+    record.rule(rule);
     refuse_plaintext_credential(rule, &target.host)?;
     Ok(Admitted { target, rule })
 }
 
 async fn relay(
+    ctx: &ConnCtx,
     snap: &Snapshot,
     mut parts: http::request::Parts,
     incoming: Incoming,
     admitted: Admitted<'_>,
+    record: &mut Record,
 ) -> Result<Response<Body>, ProxyError> {
     let Admitted { target, rule } = admitted;
     prepare_request_headers(&mut parts.headers);
@@ -119,23 +134,40 @@ async fn relay(
         HeaderValue::from_str(&target.authority)
             .map_err(|_| ProxyError::BadRequest("invalid authority".into()))?,
     );
-    if let Some(cred) = rule
+    apply_credential(ctx, snap, rule, &mut parts.headers, record);
+    record.request_headers(&parts.headers);
+    parts.version = http::Version::HTTP_11;
+    let counted = Counted::new(incoming, record.request_bytes.clone());
+    let upstream_req = Request::from_parts(parts, body::boxed(counted));
+    let host = target.host.to_string();
+    let timeout = snap.config.limits.idle_timeout;
+    send(&snap.http, upstream_req, &host, timeout, record).await
+}
+
+/// Injects the rule's credential (overwriting any client-sent header of that name), counts it
+/// and names it in the audit record.
+pub fn apply_credential(
+    ctx: &ConnCtx,
+    snap: &Snapshot,
+    rule: &Rule,
+    headers: &mut HeaderMap,
+    record: &mut Record,
+) {
+    let Some(cred) = rule
         .credential
         .as_ref()
         .and_then(|c| snap.config.credentials.get(c))
-    {
-        inject(&mut parts.headers, cred);
-    }
-    parts.version = http::Version::HTTP_11;
-    let upstream_req = Request::from_parts(parts, body::boxed(incoming));
-    let host = target.host.to_string();
-    send(
-        &snap.http,
-        upstream_req,
-        &host,
-        snap.config.limits.idle_timeout,
-    )
-    .await
+    else {
+        return;
+    };
+    inject(headers, cred);
+    record.event.credential = Some(cred.name.clone());
+    ctx.state
+        .telemetry
+        .metrics
+        .credential_injections
+        .with_label_values(&[cred.name.as_str()])
+        .inc();
 }
 
 /// A credential never travels over plain http unless the rule says it may.
@@ -155,6 +187,7 @@ pub async fn send<C>(
     req: Request<Body>,
     host: &str,
     response_timeout: Duration,
+    record: &mut Record,
 ) -> Result<Response<Body>, ProxyError>
 where
     C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
@@ -170,6 +203,9 @@ where
         Ok(Ok(response)) => response,
     };
     let (mut parts, incoming) = response.into_parts();
+    if let Some(UpstreamAddr(addr)) = parts.extensions.get::<UpstreamAddr>() {
+        record.event.upstream_addr = Some(addr.to_string());
+    }
     prepare_response_headers(&mut parts.headers);
     Ok(Response::from_parts(parts, body::boxed(incoming)))
 }
@@ -186,13 +222,14 @@ pub fn upstream_failure(host: &str, err: &hyper_util::client::legacy::Error) -> 
             reason: tls.to_string(),
         };
     }
-    ProxyError::Unavailable {
+    if err.is_connect() {
+        return ProxyError::Unavailable {
+            host: host.to_owned(),
+            reason: "cannot connect".to_owned(),
+        };
+    }
+    ProxyError::UpstreamReset {
         host: host.to_owned(),
-        reason: if err.is_connect() {
-            "cannot connect".to_owned()
-        } else {
-            "the upstream closed the connection before responding".to_owned()
-        },
     }
 }
 

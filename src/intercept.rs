@@ -20,11 +20,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ServerConfig;
 use tokio_rustls::TlsAcceptor;
 
+use crate::audit::{Counted, Kind, Record};
 use crate::body::{self, Body};
-use crate::credentials::inject;
 use crate::error::ProxyError;
-use crate::forward::{precheck, prepare_request_headers, send};
-use crate::keepalive::{ConnTimer, CountingIo, ReadCounter};
+use crate::forward::{apply_credential, precheck, prepare_request_headers, send};
+use crate::keepalive::{ConnTimer, CountingIo, IoCounter};
 use crate::policy::{self, Host, RequestFacts, Rule};
 use crate::server::{ConnCtx, Snapshot};
 
@@ -47,23 +47,41 @@ impl Target {
 }
 
 /// Terminates TLS on the upgraded CONNECT stream and serves the requests inside until the client
-/// closes, the connection idles out, or shutdown.
-pub async fn serve(ctx: ConnCtx, target: Target, upgraded: Upgraded, tls: Arc<ServerConfig>) {
+/// closes, the connection idles out, or shutdown. Returns the tunnel's byte counts (client →
+/// proxy, proxy → client, TLS included) and what went wrong, if anything.
+pub async fn serve(
+    ctx: ConnCtx,
+    target: Target,
+    upgraded: Upgraded,
+    tls: Arc<ServerConfig>,
+) -> (u64, u64, Option<String>) {
+    let counter = Arc::new(IoCounter::default());
+    let upgraded = CountingIo::new(TokioIo::new(upgraded), counter.clone());
+    let error = serve_tls(ctx, target, upgraded, tls).await;
+    (counter.read(), counter.written(), error)
+}
+
+async fn serve_tls(
+    ctx: ConnCtx,
+    target: Target,
+    upgraded: CountingIo<TokioIo<Upgraded>>,
+    tls: Arc<ServerConfig>,
+) -> Option<String> {
     let limits = ctx.state.snapshot().config.limits.clone();
-    let accept = TlsAcceptor::from(tls).accept(TokioIo::new(upgraded));
+    let accept = TlsAcceptor::from(tls).accept(upgraded);
     let stream = match tokio::time::timeout(limits.header_read_timeout, accept).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             // Typically the client does not trust the proxy CA yet.
             tracing::info!(peer = %ctx.peer, host = %target.host, error = %e, "client TLS handshake failed");
-            return;
+            return Some(format!("client TLS handshake failed: {e}"));
         }
         Err(_) => {
             tracing::debug!(peer = %ctx.peer, host = %target.host, "client TLS handshake timed out");
-            return;
+            return Some("client TLS handshake timed out".to_owned());
         }
     };
-    let counter = Arc::new(ReadCounter::default());
+    let counter = Arc::new(IoCounter::default());
     let io = TokioIo::new(CountingIo::new(stream, counter.clone()));
     let state = ctx.state.clone();
     let target = Arc::new(target);
@@ -96,27 +114,49 @@ pub async fn serve(ctx: ConnCtx, target: Target, upgraded: Upgraded, tls: Arc<Se
             }
         }
     };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "intercepted connection ended with an error");
+    match result {
+        Ok(()) => None,
+        Err(e) => {
+            tracing::debug!(error = %e, "intercepted connection ended with an error");
+            Some(e.to_string())
+        }
     }
 }
 
-/// Serves one request from inside an intercepted tunnel.
+/// Serves one request from inside an intercepted tunnel, with its own audit event.
 async fn handle(ctx: &ConnCtx, target: &Target, req: Request<Incoming>) -> Response<Body> {
     // Each inner request is judged against the rules current when it arrives.
     let snap = ctx.state.snapshot();
+    let telemetry = &ctx.state.telemetry;
+    let mut record = Record::new(
+        telemetry,
+        snap.masker.clone(),
+        Kind::Request,
+        &ctx.client,
+        ctx.peer,
+        req.method(),
+    );
+    record.event.intercepted = true;
+    record.target(
+        Some("https"),
+        &target.host.to_string(),
+        target.port,
+        Some(req.uri()),
+    );
     let (parts, incoming) = req.into_parts();
-    let result = match admit(ctx, &snap, target, &parts) {
-        Ok(rule) => relay(&snap, target, parts, incoming, rule).await,
+    let result = match admit(ctx, &snap, target, &parts, &mut record) {
+        Ok(rule) => relay(ctx, &snap, target, parts, incoming, rule, &mut record).await,
         Err(err) => {
             body::discard(incoming).await;
             Err(err)
         }
     };
-    result.unwrap_or_else(|err| {
+    let response = result.unwrap_or_else(|err| {
         tracing::debug!(peer = %ctx.peer, host = %target.host, error = %err, "inner request refused");
+        record.fail(telemetry, &err);
         err.to_response()
-    })
+    });
+    telemetry.finish_response(record, response)
 }
 
 /// Everything decided before any I/O: method, loop, authority, policy.
@@ -125,6 +165,7 @@ fn admit<'s>(
     snap: &'s Snapshot,
     target: &Target,
     parts: &Parts,
+    record: &mut Record,
 ) -> Result<&'s Rule, ProxyError> {
     precheck(&parts.method, &parts.headers)?;
     check_authority(parts, target)?;
@@ -136,26 +177,25 @@ fn admit<'s>(
         path: Some(&path),
         client: &ctx.client,
     };
-    policy::decide(&snap.config.rules, &facts).map_err(ProxyError::Denied)
+    let rule = policy::decide(&snap.config.rules, &facts).map_err(ProxyError::Denied)?;
+    record.rule(rule);
+    Ok(rule)
 }
 
 async fn relay(
+    ctx: &ConnCtx,
     snap: &Snapshot,
     target: &Target,
     mut parts: Parts,
     incoming: Incoming,
     rule: &Rule,
+    record: &mut Record,
 ) -> Result<Response<Body>, ProxyError> {
     prepare_request_headers(&mut parts.headers);
     // The upstream client derives Host (h1) or :authority (h2) from the URI.
     parts.headers.remove(header::HOST);
-    if let Some(cred) = rule
-        .credential
-        .as_ref()
-        .and_then(|c| snap.config.credentials.get(c))
-    {
-        inject(&mut parts.headers, cred);
-    }
+    apply_credential(ctx, snap, rule, &mut parts.headers, record);
+    record.request_headers(&parts.headers);
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -168,15 +208,11 @@ async fn relay(
         .build()
         .map_err(|_| ProxyError::BadRequest("invalid request target".into()))?;
     parts.version = http::Version::HTTP_11;
-    let upstream = Request::from_parts(parts, body::boxed(incoming));
+    let counted = Counted::new(incoming, record.request_bytes.clone());
+    let upstream = Request::from_parts(parts, body::boxed(counted));
     let host = target.host.to_string();
-    send(
-        &snap.https,
-        upstream,
-        &host,
-        snap.config.limits.idle_timeout,
-    )
-    .await
+    let timeout = snap.config.limits.idle_timeout;
+    send(&snap.https, upstream, &host, timeout, record).await
 }
 
 /// The inner request must name the CONNECT host: by its URI authority (h2 `:authority`,

@@ -19,26 +19,35 @@ use std::time::{Duration, Instant};
 use hyper::rt::{Sleep, Timer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Bytes read from a client connection so far.
+/// Bytes read from and written to a client connection so far.
 #[derive(Debug, Default)]
-pub struct ReadCounter(AtomicU64);
+pub struct IoCounter {
+    read: AtomicU64,
+    written: AtomicU64,
+}
 
-impl ReadCounter {
-    fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+impl IoCounter {
+    /// Bytes read.
+    pub fn read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
+    }
+
+    /// Bytes written.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
     }
 }
 
-/// Wraps a client socket and counts what it reads.
+/// Wraps a client socket and counts what goes through it.
 #[derive(Debug)]
 pub struct CountingIo<T> {
     inner: T,
-    counter: Arc<ReadCounter>,
+    counter: Arc<IoCounter>,
 }
 
 impl<T> CountingIo<T> {
-    /// Wraps `inner`; reads are added to `counter`.
-    pub fn new(inner: T, counter: Arc<ReadCounter>) -> Self {
+    /// Wraps `inner`; traffic is added to `counter`.
+    pub fn new(inner: T, counter: Arc<IoCounter>) -> Self {
         Self { inner, counter }
     }
 }
@@ -53,7 +62,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for CountingIo<T> {
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         let read = buf.filled().len().saturating_sub(before);
         if read > 0 {
-            self.counter.0.fetch_add(read as u64, Ordering::Relaxed);
+            self.counter.read.fetch_add(read as u64, Ordering::Relaxed);
         }
         result
     }
@@ -65,7 +74,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CountingIo<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.counter.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        polled
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -81,7 +94,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CountingIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.counter.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -92,14 +109,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CountingIo<T> {
 /// The per-connection timer handed to hyper's HTTP/1 server.
 #[derive(Debug, Clone)]
 pub struct ConnTimer {
-    counter: Arc<ReadCounter>,
+    counter: Arc<IoCounter>,
     idle: Duration,
     heads: Arc<AtomicUsize>,
 }
 
 impl ConnTimer {
     /// A timer for one connection whose reads go to `counter`.
-    pub fn new(counter: Arc<ReadCounter>, idle: Duration) -> Self {
+    pub fn new(counter: Arc<IoCounter>, idle: Duration) -> Self {
         Self {
             counter,
             idle,
@@ -124,7 +141,7 @@ impl Timer for ConnTimer {
             Phase::Header
         } else {
             Phase::Idle {
-                seen: self.counter.get(),
+                seen: self.counter.read(),
             }
         };
         let until = match phase {
@@ -157,7 +174,7 @@ enum Phase {
 /// A deadline that stays in the idle phase until the client sends a byte.
 struct HeadDeadline {
     sleep: Pin<Box<tokio::time::Sleep>>,
-    counter: Option<Arc<ReadCounter>>,
+    counter: Option<Arc<IoCounter>>,
     header: Duration,
     phase: Phase,
 }
@@ -183,7 +200,7 @@ impl Future for HeadDeadline {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         if let (Phase::Idle { seen }, Some(counter)) = (self.phase, &self.counter) {
-            if counter.get() != seen {
+            if counter.read() != seen {
                 // hyper polls us right after a read: the first byte of the next request is
                 // here, so the head now has the header deadline from this moment.
                 self.phase = Phase::Header;

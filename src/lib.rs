@@ -8,6 +8,7 @@
 //! health endpoints. `main.rs` only parses the command line and calls [`cli`].
 
 pub mod admin;
+pub mod audit;
 pub mod body;
 pub mod cli;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod forward;
 pub mod intercept;
 pub mod keepalive;
 pub mod logging;
+pub mod metrics;
 pub mod net;
 pub mod policy;
 pub mod server;

@@ -26,10 +26,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::audit::{AuditError, AuditSink, IdGenerator, Kind, Masker, Record, Telemetry};
 use crate::body::Body;
 use crate::config::Config;
 use crate::error::{raw_refusal, ProxyError};
-use crate::keepalive::{ConnTimer, CountingIo, ReadCounter};
+use crate::keepalive::{ConnTimer, CountingIo, IoCounter};
+use crate::metrics::Metrics;
 use crate::net::Dialer;
 use crate::tls::{self, CertificateAuthority, Interceptor, TlsError};
 use crate::upstream::{self, HttpClient, HttpsClient};
@@ -45,6 +47,8 @@ pub struct Snapshot {
     pub http: HttpClient,
     /// Pooled TLS upstream client (intercepted requests).
     pub https: HttpsClient,
+    /// Audit masking for this configuration.
+    pub masker: Arc<Masker>,
 }
 
 impl Snapshot {
@@ -57,6 +61,7 @@ impl Snapshot {
         );
         let upstream_tls = tls::upstream_client_config(&config.tls)?;
         Ok(Self {
+            masker: Arc::new(Masker::new(&config)),
             http: upstream::http_client(dialer.clone()),
             https: upstream::https_client(dialer.clone(), upstream_tls),
             dialer,
@@ -80,6 +85,8 @@ pub struct State {
     pub hard_stop: CancellationToken,
     /// The interception CA and its certificate cache (kept across reloads).
     pub interceptor: Interceptor,
+    /// Audit events and metrics.
+    pub telemetry: Arc<Telemetry>,
     connections: Arc<Semaphore>,
 }
 
@@ -119,6 +126,12 @@ pub enum ServerError {
         /// Why.
         source: std::io::Error,
     },
+    /// The audit output cannot be opened.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    /// The metrics registry could not be built.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
     /// The CA or the upstream TLS configuration could not be set up.
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -194,10 +207,17 @@ pub async fn start(config: Config) -> Result<ProxyHandle, ServerError> {
     let own: Arc<[SocketAddr]> = Arc::from(vec![proxy_addr, admin_addr]);
     let max_connections = config.limits.max_connections;
     let grace = config.limits.shutdown_grace;
+    let metrics = Metrics::new()?;
+    let audit = AuditSink::start(&config.audit.output, metrics.audit_dropped.clone())?;
     let snapshot = Snapshot::build(config, own.clone())?;
     let state = Arc::new(State {
         snapshot: ArcSwap::from_pointee(snapshot),
-        interceptor: Interceptor::new(ca),
+        interceptor: Interceptor::new(ca, metrics.certificates_issued.clone()),
+        telemetry: Arc::new(Telemetry {
+            audit,
+            metrics,
+            ids: IdGenerator::new(),
+        }),
         own_listeners: own,
         draining: AtomicBool::new(false),
         tunnels: TaskTracker::new(),
@@ -297,6 +317,9 @@ async fn supervise(
     state.hard_stop.cancel();
     state.tunnels.wait().await;
     let _ = admin_task.await;
+    // Every request and tunnel has ended: write out the last audit events.
+    let telemetry = state.telemetry.clone();
+    let _ = tokio::task::spawn_blocking(move || telemetry.audit.close()).await;
 }
 
 async fn accept_loop(state: &Arc<State>, listener: &TcpListener) {
@@ -315,13 +338,17 @@ async fn accept_loop(state: &Arc<State>, listener: &TcpListener) {
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let active = Gauged::new(&state.telemetry.metrics.active_connections);
         let ctx = ConnCtx {
             state: state.clone(),
             peer,
             client: Arc::from("anonymous"),
             _slot: Arc::new(slot),
         };
-        state.tunnels.spawn(serve_connection(ctx, stream));
+        state.tunnels.spawn(async move {
+            serve_connection(ctx, stream).await;
+            drop(active);
+        });
     }
 }
 
@@ -342,7 +369,7 @@ async fn serve_connection(ctx: ConnCtx, stream: TcpStream) {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(dispatch(&ctx, req).await) }
     });
-    let counter = Arc::new(ReadCounter::default());
+    let counter = Arc::new(IoCounter::default());
     let io = TokioIo::new(CountingIo::new(stream, counter.clone()));
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(ConnTimer::new(counter, limits.idle_timeout))
@@ -368,15 +395,43 @@ async fn serve_connection(ctx: ConnCtx, stream: TcpStream) {
     }
 }
 
-/// Routes one request from the proxy listener.
+/// Routes one request from the proxy listener. Each request takes the snapshot current now.
 async fn dispatch(ctx: &ConnCtx, req: Request<Incoming>) -> Response<Body> {
-    if ctx.state.is_draining() {
-        return ProxyError::Draining.to_response();
-    }
     let snap = ctx.state.snapshot();
     if req.method() == Method::CONNECT {
-        connect::handle(ctx, &snap, req).await
+        return connect::handle(ctx, &snap, req).await;
+    }
+    let telemetry = &ctx.state.telemetry;
+    let mut record = Record::new(
+        telemetry,
+        snap.masker.clone(),
+        Kind::Request,
+        &ctx.client,
+        ctx.peer,
+        req.method(),
+    );
+    let response = if ctx.state.is_draining() {
+        record.fail(telemetry, &ProxyError::Draining);
+        ProxyError::Draining.to_response()
     } else {
-        forward::handle(ctx, &snap, req).await
+        forward::handle(ctx, &snap, req, &mut record).await
+    };
+    telemetry.finish_response(record, response)
+}
+
+/// Holds a gauge one higher for as long as it lives.
+pub struct Gauged(prometheus::IntGauge);
+
+impl Gauged {
+    /// Increments `gauge` until dropped.
+    pub fn new(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Gauged {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

@@ -8,7 +8,6 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration as StdDuration, Instant};
 
@@ -256,7 +255,7 @@ struct CachedLeaf {
 pub struct Interceptor {
     ca: CertificateAuthority,
     cache: quick_cache::sync::Cache<Host, CachedLeaf>,
-    issued: AtomicU64,
+    issued: prometheus::IntCounter,
     provider: Arc<CryptoProvider>,
 }
 
@@ -272,12 +271,12 @@ impl std::fmt::Debug for Interceptor {
 const CERT_CACHE_HOSTS: usize = 10_000;
 
 impl Interceptor {
-    /// An interceptor minting from `ca`.
-    pub fn new(ca: CertificateAuthority) -> Self {
+    /// An interceptor minting from `ca`, counting mints in `issued`.
+    pub fn new(ca: CertificateAuthority, issued: prometheus::IntCounter) -> Self {
         Self {
             ca,
             cache: quick_cache::sync::Cache::new(CERT_CACHE_HOSTS),
-            issued: AtomicU64::new(0),
+            issued,
             provider: provider(),
         }
     }
@@ -289,7 +288,7 @@ impl Interceptor {
 
     /// Leaves minted so far.
     pub fn issued(&self) -> u64 {
-        self.issued.load(Ordering::Relaxed)
+        self.issued.get()
     }
 
     /// The server configuration for `host`, minting its leaf on first use. Concurrent first
@@ -312,7 +311,7 @@ impl Interceptor {
                     .with_single_cert(chain, key)
                     .map_err(|e| TlsError::Config(e.to_string()))?;
                 config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-                self.issued.fetch_add(1, Ordering::Relaxed);
+                self.issued.inc();
                 tracing::debug!(%host, "minted interception certificate");
                 Ok::<_, TlsError>(CachedLeaf {
                     config: Arc::new(config),

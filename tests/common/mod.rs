@@ -30,6 +30,40 @@ pub struct TestProxy {
 }
 
 impl TestProxy {
+    /// Audit events written so far (the proxy's audit output is `audit.log` in its folder).
+    /// Waits until at least `at_least` events are there, for up to 5 s: events are written
+    /// asynchronously, when each request or tunnel ends.
+    pub async fn audit_events(&self, at_least: usize) -> Vec<serde_json::Value> {
+        let path = self.dir.path().join("audit.log");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let events: Vec<serde_json::Value> = std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("each audit line is JSON"))
+                .collect();
+            if events.len() >= at_least || std::time::Instant::now() > deadline {
+                return events;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The admin listener's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .get(format!("http://{}/metrics", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// `http://127.0.0.1:PORT` of the proxy listener.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
@@ -51,11 +85,15 @@ pub const LISTEN: &str = "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1
 /// Parses a test config (with [`LISTEN`] prepended unless it has its own) whose relative paths
 /// live in `dir`.
 pub fn parse_config(dir: &Path, body: &str) -> Config {
-    let text = if body.contains("[listen]") {
+    let mut text = if body.contains("[listen]") {
         body.to_owned()
     } else {
         format!("{LISTEN}{body}")
     };
+    if !text.contains("[audit]") {
+        // Audit events go to a file the test can read (stdout would mix with the test output).
+        text.push_str("\n[audit]\noutput = \"audit.log\"\n");
+    }
     let path = dir.join("portcullis.toml");
     std::fs::write(&path, &text).unwrap();
     match config::parse(&text, Origin::File(path), dir, false) {
