@@ -20,6 +20,7 @@ const VALUE_SECRET: &str = "CANARY-value-51ae0c";
 struct Running {
     child: ChildGuard,
     proxy: String,
+    admin: String,
     stderr_lines: mpsc::Receiver<String>,
 }
 
@@ -47,16 +48,18 @@ fn spawn_proxy(config_path: &std::path::Path) -> Running {
         assert!(Instant::now() < deadline, "proxy did not start: {seen:?}");
         if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
             if line.contains("portcullis listening") {
-                let addr = line
-                    .split("proxy_addr=")
-                    .nth(1)
-                    .and_then(|rest| rest.split_whitespace().next())
-                    .unwrap()
-                    .to_owned();
-                seen.push(line);
+                let field = |name: &str| {
+                    line.split(name)
+                        .nth(1)
+                        .and_then(|rest| rest.split_whitespace().next())
+                        .unwrap()
+                        .to_owned()
+                };
+                let (proxy, admin) = (field("proxy_addr="), field("admin_addr="));
                 return Running {
                     child,
-                    proxy: format!("http://{addr}"),
+                    proxy: format!("http://{proxy}"),
+                    admin: format!("http://{admin}"),
                     stderr_lines: rx,
                 };
             }
@@ -78,6 +81,8 @@ async fn no_secret_reaches_any_output() {
 [listen]
 proxy = "127.0.0.1:0"
 admin = "127.0.0.1:0"
+[audit]
+output = "stdout"
 [tls]
 extra_upstream_ca = ["upstream-ca.pem"]
 [network]
@@ -131,6 +136,41 @@ credential = "from-value"
         assert_eq!(out.status, 200, "{path}: {out:?}");
         assert_eq!(out.body, "0");
     }
+    // Secrets where a client or upstream puts them: a query parameter, a client header, an
+    // upstream response header. None of these names is masked; the value search must catch them.
+    let out = curl(&[
+        "-x",
+        &proxy,
+        "--cacert",
+        ca.to_str().unwrap(),
+        "-H",
+        &format!("X-Client-Note: {FILE_SECRET}"),
+        &format!("{base}/env/count?note={VALUE_SECRET}&token={ENV_SECRET}"),
+    ])
+    .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    let out = curl(&[
+        "-x",
+        &proxy,
+        "--cacert",
+        ca.to_str().unwrap(),
+        &format!("{base}/env/respond-header/x-debug-token/{ENV_SECRET}"),
+    ])
+    .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    let metrics = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("{}/metrics", running.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("portcullis_requests_total"));
+
     // Every injected credential reached the upstream.
     let seen = up.seen.lock().unwrap().clone();
     assert_eq!(
@@ -192,7 +232,21 @@ credential = "from-value"
     let stderr = stderr.join("\n");
     assert!(stderr.contains("DEBUG"), "debug logging was on");
 
+    // stdout carries the audit events: one per request and tunnel.
+    assert!(
+        stdout.lines().count() >= 10,
+        "audit events on stdout: {stdout}"
+    );
+    assert!(
+        stdout.contains("\"x-debug-token\":\"<HIDDEN>\""),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("\"x-client-note\":\"<HIDDEN>\""),
+        "{stdout}"
+    );
     for secret in [ENV_SECRET, FILE_SECRET, VALUE_SECRET] {
+        assert!(!metrics.contains(secret), "{secret} in /metrics");
         assert!(!stdout.contains(secret), "{secret} in stdout");
         assert!(!stderr.contains(secret), "{secret} in stderr");
         for body in &generated {

@@ -213,6 +213,7 @@ pub fn generated_body(n: u64) -> Body {
 /// - `/echo`: the request body back, streamed;
 /// - `…/count`: counts the request body, answers its length;
 /// - `/redirect`: 302 to another host;
+/// - `/respond-header/NAME/VALUE`: 200 with that response header;
 /// - `/basic/USER/PASS`: 401 unless that basic credential is sent;
 /// - anything else: 200 with a JSON summary of what was received.
 async fn route(
@@ -255,6 +256,16 @@ async fn route(
     if path == "/echo" {
         seen.lock().unwrap().push(record);
         return reply(StatusCode::OK, body::boxed(req.into_body()));
+    }
+    if let Some(rest) = path.strip_prefix("/respond-header/") {
+        seen.lock().unwrap().push(record);
+        let (name, value) = rest.split_once('/').unwrap();
+        let mut r = reply(StatusCode::OK, body::full("ok\n"));
+        r.headers_mut().insert(
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.parse().unwrap(),
+        );
+        return r;
     }
     if path == "/redirect" {
         seen.lock().unwrap().push(record);
