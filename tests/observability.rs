@@ -70,7 +70,7 @@ ports = [{t}]
     }
 }
 
-fn find<'a>(events: &'a [Value], pred: impl Fn(&Value) -> bool) -> &'a Value {
+fn find(events: &[Value], pred: impl Fn(&Value) -> bool) -> &Value {
     events
         .iter()
         .find(|e| pred(e))

@@ -213,7 +213,7 @@ pub fn generated_body(n: u64) -> Body {
 /// - `/echo`: the request body back, streamed;
 /// - `…/count`: counts the request body, answers its length;
 /// - `/redirect`: 302 to another host;
-/// - `/respond-header/NAME/VALUE`: 200 with that response header;
+/// - `…/respond-header/NAME/VALUE`: 200 with that response header;
 /// - `/basic/USER/PASS`: 401 unless that basic credential is sent;
 /// - anything else: 200 with a JSON summary of what was received.
 async fn route(
@@ -257,7 +257,7 @@ async fn route(
         seen.lock().unwrap().push(record);
         return reply(StatusCode::OK, body::boxed(req.into_body()));
     }
-    if let Some(rest) = path.strip_prefix("/respond-header/") {
+    if let Some((_, rest)) = path.split_once("/respond-header/") {
         seen.lock().unwrap().push(record);
         let (name, value) = rest.split_once('/').unwrap();
         let mut r = reply(StatusCode::OK, body::full("ok\n"));
