@@ -22,6 +22,7 @@ pub mod logging;
 pub mod metrics;
 pub mod net;
 pub mod policy;
+pub mod reload;
 pub mod server;
 pub mod tls;
 pub mod upstream;

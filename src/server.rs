@@ -35,7 +35,7 @@ use crate::metrics::Metrics;
 use crate::net::Dialer;
 use crate::tls::{self, CertificateAuthority, Interceptor, TlsError};
 use crate::upstream::{self, HttpClient, HttpsClient};
-use crate::{admin, connect, forward};
+use crate::{admin, connect, forward, reload};
 
 /// Everything built from one configuration: swapped whole on reload, never rebuilt per request.
 pub struct Snapshot {
@@ -94,6 +94,11 @@ impl State {
     /// The current configuration snapshot.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.load_full()
+    }
+
+    /// Replaces the snapshot: requests that start from now on use `snapshot`.
+    pub(crate) fn swap(&self, snapshot: Snapshot) {
+        self.snapshot.store(Arc::new(snapshot));
     }
 
     /// Whether shutdown has begun.
@@ -155,6 +160,11 @@ impl ProxyHandle {
     /// Begins graceful shutdown.
     pub fn shutdown(&self) {
         self.shutdown.cancel();
+    }
+
+    /// Reloads the configuration now (what SIGHUP does, without reopening the audit output).
+    pub fn reload(&self) -> Result<(), crate::reload::ReloadError> {
+        self.state.reload()
     }
 
     /// Shared state (tests and the admin listener read it).
@@ -244,16 +254,36 @@ pub async fn start(config: Config) -> Result<ProxyHandle, ServerError> {
     })
 }
 
-/// Runs until SIGTERM or SIGINT, then shuts down gracefully.
+/// Runs until SIGTERM or SIGINT, then shuts down gracefully. SIGHUP reopens the audit output
+/// and reloads the configuration.
 pub async fn run(config: Config) -> Result<(), ServerError> {
     let handle = start(config).await?;
+    let hangups = tokio::spawn(on_hangup(handle.state.clone()));
     wait_for_stop_signal().await;
+    hangups.abort();
     tracing::info!("shutdown requested: draining");
     handle.shutdown();
     handle.wait().await?;
     tracing::info!("stopped");
     Ok(())
 }
+
+#[cfg(unix)]
+async fn on_hangup(state: Arc<State>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: reload by editing the config file instead");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reopening the audit output and reloading");
+        let state = state.clone();
+        let _ = tokio::task::spawn_blocking(move || state.hangup()).await;
+    }
+}
+
+#[cfg(not(unix))]
+async fn on_hangup(_state: Arc<State>) {}
 
 #[cfg(unix)]
 async fn wait_for_stop_signal() {
@@ -287,6 +317,7 @@ async fn supervise(
     grace: Duration,
 ) {
     let admin_task = tokio::spawn(admin::serve(state.clone(), admin, state.hard_stop.clone()));
+    let watcher = tokio::spawn(reload::watch(state.clone()));
     tokio::select! {
         () = accept_loop(&state, &proxy) => {}
         () = shutdown.cancelled() => {}
@@ -317,6 +348,7 @@ async fn supervise(
     state.hard_stop.cancel();
     state.tunnels.wait().await;
     let _ = admin_task.await;
+    let _ = watcher.await;
     // Every request and tunnel has ended: write out the last audit events.
     let telemetry = state.telemetry.clone();
     let _ = tokio::task::spawn_blocking(move || telemetry.audit.close()).await;

@@ -297,33 +297,6 @@ async fn sni_mismatch_closes_the_tunnel() {
     proxy.stop().await;
 }
 
-/// Opens a raw CONNECT tunnel and returns the socket after the 200.
-async fn connect_through(proxy: &TestProxy, target: &str) -> TcpStream {
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let head = read_head(&mut s).await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    s
-}
-
-async fn read_head(s: &mut TcpStream) -> String {
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte))
-            .await
-            .expect("head in time")
-            .unwrap();
-        if n == 0 {
-            break;
-        }
-        buf.push(byte[0]);
-    }
-    String::from_utf8_lossy(&buf).into_owned()
-}
-
 #[tokio::test]
 async fn upstream_refused_is_502() {
     let port = closed_port().await;
