@@ -13,8 +13,8 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn rules(up: u16, tls: u16, hosts: &[&str]) -> String {
-    let mut text = format!(
-        "[network]\nallow_cidrs = [\"127.0.0.0/8\"]\nresolve = {{ \"a.test\" = [\"127.0.0.1\"], \"b.test\" = [\"127.0.0.1\"], \"tunnel.test\" = [\"127.0.0.1\"] }}\n"
+    let mut text = String::from(
+        "[network]\nallow_cidrs = [\"127.0.0.0/8\"]\nresolve = { \"a.test\" = [\"127.0.0.1\"], \"b.test\" = [\"127.0.0.1\"], \"tunnel.test\" = [\"127.0.0.1\"] }\n",
     );
     for host in hosts {
         let port = if *host == "tunnel.test" { tls } else { up };
