@@ -24,7 +24,7 @@ use crate::body::{self, Body};
 use crate::error::ProxyError;
 use crate::forward::precheck;
 use crate::intercept;
-use crate::policy::{self, normalize_host, Host, RequestFacts};
+use crate::policy::{normalize_host, Host, RequestFacts};
 use crate::server::{ConnCtx, Gauged, Snapshot};
 
 /// What the CONNECT opened before answering 200.
@@ -146,10 +146,10 @@ async fn open(
         path: None,
         client: &ctx.client,
     };
-    let rule = policy::decide(&snap.config.rules, &facts).map_err(ProxyError::Denied)?;
-    record.rule(rule);
+    // Report mode may let an unlisted CONNECT through: it is tunneled (no rule, no credential).
+    let rule = ctx.judge(snap, &facts, record)?;
     let name = host.to_string();
-    if rule.intercepts() {
+    if rule.is_some_and(|r| r.intercepts()) {
         record.event.intercepted = true;
         snap.dialer
             .resolve_checked(&host, port)

@@ -90,6 +90,9 @@ pub enum ProxyError {
     /// The request already went through this proxy.
     #[error("request loop detected: the request already passed through portcullis")]
     Loop,
+    /// Clients are configured and this request did not identify as one.
+    #[error("{0}: use HTTP_PROXY=http://NAME:TOKEN@proxy:port")]
+    ProxyAuthRequired(String),
     /// An intercepted request names another host than its tunnel.
     #[error("host {inner} does not match the tunnel's host {tunnel}")]
     Misdirected {
@@ -108,6 +111,7 @@ impl ProxyError {
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Denied(_) | Self::Prohibited { .. } => StatusCode::FORBIDDEN,
             Self::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
+            Self::ProxyAuthRequired(_) => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             Self::Dns { .. }
             | Self::Unavailable { .. }
             | Self::UpstreamReset { .. }
@@ -123,9 +127,10 @@ impl ProxyError {
     pub fn proxy_status_error(&self) -> &'static str {
         match self {
             Self::BadRequest(_) | Self::OriginForm => "http_request_error",
-            Self::MethodNotAllowed(_) | Self::Denied(_) | Self::Misdirected { .. } => {
-                "http_request_denied"
-            }
+            Self::MethodNotAllowed(_)
+            | Self::Denied(_)
+            | Self::Misdirected { .. }
+            | Self::ProxyAuthRequired(_) => "http_request_denied",
             Self::Prohibited { .. } => "destination_ip_prohibited",
             Self::Dns { .. } => "dns_error",
             Self::Unavailable { .. } | Self::UpstreamReset { .. } => "destination_unavailable",
@@ -153,6 +158,7 @@ impl ProxyError {
             Self::Draining => "draining",
             Self::Loop => "loop",
             Self::Misdirected { .. } => "misdirected",
+            Self::ProxyAuthRequired(_) => "proxy_auth_required",
         }
     }
 
@@ -168,6 +174,7 @@ impl ProxyError {
                 | Self::Prohibited { .. }
                 | Self::Loop
                 | Self::Misdirected { .. }
+                | Self::ProxyAuthRequired(_)
         )
     }
 
@@ -197,6 +204,12 @@ impl ProxyError {
             "proxy-status",
             proxy_status_value(self.proxy_status_error(), &details),
         );
+        if matches!(self, Self::ProxyAuthRequired(_)) {
+            headers.insert(
+                header::PROXY_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"portcullis\""),
+            );
+        }
         if matches!(self, Self::Overloaded | Self::Draining) {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }

@@ -42,10 +42,11 @@ pub async fn handle(
     })
 }
 
-/// A request policy let through: where it goes and the rule that allowed it.
+/// A request policy let through: where it goes and the rule that allowed it (none when report
+/// mode let a denied request through).
 struct Admitted<'s> {
     target: Target,
-    rule: &'s Rule,
+    rule: Option<&'s Rule>,
 }
 
 /// A parsed absolute-form target.
@@ -113,9 +114,10 @@ fn admit<'s>(
         path: Some(&path),
         client: &ctx.client,
     };
-    let rule = policy::decide(&snap.config.rules, &facts).map_err(ProxyError::Denied)?;
-    record.rule(rule);
-    refuse_plaintext_credential(rule, &target.host)?;
+    let rule = ctx.judge(snap, &facts, record)?;
+    if let Some(rule) = rule {
+        refuse_plaintext_credential(rule, &target.host)?;
+    }
     Ok(Admitted { target, rule })
 }
 
@@ -149,13 +151,12 @@ async fn relay(
 pub fn apply_credential(
     ctx: &ConnCtx,
     snap: &Snapshot,
-    rule: &Rule,
+    rule: Option<&Rule>,
     headers: &mut HeaderMap,
     record: &mut Record,
 ) {
     let Some(cred) = rule
-        .credential
-        .as_ref()
+        .and_then(|r| r.credential.as_ref())
         .and_then(|c| snap.config.credentials.get(c))
     else {
         return;

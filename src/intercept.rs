@@ -166,7 +166,7 @@ fn admit<'s>(
     target: &Target,
     parts: &Parts,
     record: &mut Record,
-) -> Result<&'s Rule, ProxyError> {
+) -> Result<Option<&'s Rule>, ProxyError> {
     precheck(&parts.method, &parts.headers)?;
     check_authority(parts, target)?;
     let path = policy::normalize_path(parts.uri.path());
@@ -177,9 +177,7 @@ fn admit<'s>(
         path: Some(&path),
         client: &ctx.client,
     };
-    let rule = policy::decide(&snap.config.rules, &facts).map_err(ProxyError::Denied)?;
-    record.rule(rule);
-    Ok(rule)
+    ctx.judge(snap, &facts, record)
 }
 
 async fn relay(
@@ -188,7 +186,7 @@ async fn relay(
     target: &Target,
     mut parts: Parts,
     incoming: Incoming,
-    rule: &Rule,
+    rule: Option<&Rule>,
     record: &mut Record,
 ) -> Result<Response<Body>, ProxyError> {
     prepare_request_headers(&mut parts.headers);

@@ -16,6 +16,7 @@ pub mod connect;
 pub mod credentials;
 pub mod error;
 pub mod forward;
+pub mod identity;
 pub mod intercept;
 pub mod keepalive;
 pub mod logging;

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use http::header::PROXY_AUTHORIZATION;
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -30,9 +31,11 @@ use crate::audit::{AuditError, AuditSink, IdGenerator, Kind, Masker, Record, Tel
 use crate::body::Body;
 use crate::config::Config;
 use crate::error::{raw_refusal, ProxyError};
+use crate::identity::{AuthFailure, Clients, Identity, UNAUTHENTICATED};
 use crate::keepalive::{ConnTimer, CountingIo, IoCounter};
 use crate::metrics::Metrics;
 use crate::net::Dialer;
+use crate::policy::{self, Mode, RequestFacts, Rule};
 use crate::tls::{self, CertificateAuthority, Interceptor, TlsError};
 use crate::upstream::{self, HttpClient, HttpsClient};
 use crate::{admin, connect, forward, reload};
@@ -49,6 +52,8 @@ pub struct Snapshot {
     pub https: HttpsClient,
     /// Audit masking for this configuration.
     pub masker: Arc<Masker>,
+    /// Client identification for this configuration.
+    pub clients: Clients,
 }
 
 impl Snapshot {
@@ -62,6 +67,7 @@ impl Snapshot {
         let upstream_tls = tls::upstream_client_config(&config.tls)?;
         Ok(Self {
             masker: Arc::new(Masker::new(&config)),
+            clients: Clients::new(&config),
             http: upstream::http_client(dialer.clone()),
             https: upstream::https_client(dialer.clone(), upstream_tls),
             dialer,
@@ -114,8 +120,11 @@ pub struct ConnCtx {
     pub state: Arc<State>,
     /// The client's address.
     pub peer: SocketAddr,
-    /// The client identity (`anonymous` without `[[clients]]`).
+    /// The client identity (`anonymous` without `[[clients]]`); set per request, and for a
+    /// tunnel by its CONNECT.
     pub client: Arc<str>,
+    /// The policy mode for this client.
+    pub mode: Mode,
     /// The connection's slot; a tunnel holds it for as long as it lives.
     _slot: Arc<OwnedSemaphorePermit>,
 }
@@ -374,7 +383,8 @@ async fn accept_loop(state: &Arc<State>, listener: &TcpListener) {
         let ctx = ConnCtx {
             state: state.clone(),
             peer,
-            client: Arc::from("anonymous"),
+            client: Arc::from(UNAUTHENTICATED),
+            mode: Mode::Enforce,
             _slot: Arc::new(slot),
         };
         state.tunnels.spawn(async move {
@@ -427,13 +437,55 @@ async fn serve_connection(ctx: ConnCtx, stream: TcpStream) {
     }
 }
 
-/// Routes one request from the proxy listener. Each request takes the snapshot current now.
+impl ConnCtx {
+    /// This context for a request made by `identity`.
+    fn as_identity(&self, identity: Identity) -> Self {
+        Self {
+            client: Arc::from(identity.name),
+            mode: identity.mode,
+            ..self.clone()
+        }
+    }
+
+    /// Applies policy to `facts` in this client's mode. A denial in report mode lets the
+    /// request through with no rule (so no credential), audited as `would_deny`.
+    pub fn judge<'s>(
+        &self,
+        snap: &'s Snapshot,
+        facts: &RequestFacts<'_>,
+        record: &mut Record,
+    ) -> Result<Option<&'s Rule>, ProxyError> {
+        match policy::decide(&snap.config.rules, facts) {
+            Ok(rule) => {
+                record.rule(rule);
+                Ok(Some(rule))
+            }
+            Err(denial) if self.mode == Mode::Report => {
+                tracing::debug!(client = %self.client, %denial, "would deny (report mode)");
+                record.would_deny(&self.state.telemetry, denial.to_string(), denial.code());
+                Ok(None)
+            }
+            Err(denial) => Err(ProxyError::Denied(denial)),
+        }
+    }
+}
+
+/// Routes one request from the proxy listener. Each request takes the snapshot current now and
+/// is identified on its own (a CONNECT's identity then holds for its whole tunnel).
 async fn dispatch(ctx: &ConnCtx, req: Request<Incoming>) -> Response<Body> {
     let snap = ctx.state.snapshot();
+    let telemetry = &ctx.state.telemetry;
+    let identity = snap
+        .clients
+        .identify(req.headers().get(PROXY_AUTHORIZATION), ctx.peer.ip());
+    let ctx = match identity {
+        Ok(identity) => ctx.as_identity(identity),
+        Err(failure) => return refuse_unidentified(ctx, &snap, req, &failure),
+    };
+    let ctx = &ctx;
     if req.method() == Method::CONNECT {
         return connect::handle(ctx, &snap, req).await;
     }
-    let telemetry = &ctx.state.telemetry;
     let mut record = Record::new(
         telemetry,
         snap.masker.clone(),
@@ -449,6 +501,49 @@ async fn dispatch(ctx: &ConnCtx, req: Request<Incoming>) -> Response<Body> {
         forward::handle(ctx, &snap, req, &mut record).await
     };
     telemetry.finish_response(record, response)
+}
+
+/// 407 for a request that did not identify itself: audited (client `unauthenticated`) and
+/// counted per claimed client. Report mode never relaxes this.
+fn refuse_unidentified(
+    ctx: &ConnCtx,
+    snap: &Snapshot,
+    req: Request<Incoming>,
+    failure: &AuthFailure,
+) -> Response<Body> {
+    let telemetry = &ctx.state.telemetry;
+    let kind = if req.method() == Method::CONNECT {
+        Kind::Tunnel
+    } else {
+        Kind::Request
+    };
+    let mut record = Record::new(
+        telemetry,
+        snap.masker.clone(),
+        kind,
+        UNAUTHENTICATED,
+        ctx.peer,
+        req.method(),
+    );
+    if let Some(authority) = req.uri().authority() {
+        let scheme = (kind == Kind::Request).then_some("http");
+        let uri = (kind == Kind::Request).then_some(req.uri());
+        record.target(
+            scheme,
+            authority.host(),
+            authority.port_u16().unwrap_or(80),
+            uri,
+        );
+    }
+    telemetry
+        .metrics
+        .auth_failures
+        .with_label_values(&[failure.label()])
+        .inc();
+    tracing::info!(peer = %ctx.peer, claimed = failure.label(), "{failure}");
+    let err = ProxyError::ProxyAuthRequired(failure.to_string());
+    record.fail(telemetry, &err);
+    telemetry.finish_response(record, err.to_response())
 }
 
 /// Holds a gauge one higher for as long as it lives.
