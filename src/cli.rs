@@ -1,4 +1,4 @@
-//! The command line (spec §1): `run` (default), `check`, `ca init` and `ca show`. `main.rs` parses it and calls
+//! The command line (spec §1): `run` (default), `check`, `ca init`, `ca show` and `env`. `main.rs` parses it and calls
 //! [`execute`].
 
 use std::path::PathBuf;
@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::logging::{self, LogFormat};
+use crate::pipeline_env::{self, Format};
 use crate::{config, server, tls};
 
 /// Portcullis: an authenticating egress proxy for CI and build pipelines.
@@ -31,6 +32,22 @@ pub enum Command {
     Run,
     /// Load and validate the configuration, resolve every secret source, print a summary.
     Check,
+    /// Print the environment a pipeline container needs (proxy variables and CA paths).
+    Env {
+        /// Proxy URL (default: http:// + listen.proxy, with 127.0.0.1 for an unspecified address).
+        #[arg(long)]
+        proxy_url: Option<String>,
+        /// CA file the pipeline trusts (default: tls.ca_cert).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// `sh` (export lines) or `dotenv`.
+        #[arg(long, value_enum, default_value_t = Format::Sh)]
+        format: Format,
+        /// Hosts that bypass the proxy (comma-separated; default: loopback and the cluster's
+        /// service domains).
+        #[arg(long, value_delimiter = ',')]
+        no_proxy: Option<Vec<String>>,
+    },
     /// The interception CA.
     Ca {
         /// What to do with it.
@@ -55,7 +72,12 @@ pub enum CaCommand {
         force: bool,
     },
     /// Print the CA certificate in use (PEM).
-    Show,
+    Show {
+        /// Append the system's root certificates: a bundle for tools whose CA variable replaces
+        /// their roots (curl, pip, git, …), so tunneled hosts keep verifying too.
+        #[arg(long)]
+        bundle: bool,
+    },
 }
 
 /// Failures of a command, printed by `main`.
@@ -137,12 +159,43 @@ pub fn execute(cli: Cli) -> Result<ExitCode, CliError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Ca {
-            action: CaCommand::Show,
+            action: CaCommand::Show { bundle },
         } => {
             let config = config::load(cli.config.as_deref())?;
             let path = config.tls.ca_cert;
             let pem = std::fs::read_to_string(&path).map_err(|_| CliError::NoCa(path.clone()))?;
             print!("{pem}");
+            if bundle {
+                print!("{}", tls::system_roots_pem()?);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Env {
+            proxy_url,
+            ca_file,
+            format,
+            no_proxy,
+        } => {
+            let config = config::load(cli.config.as_deref())?;
+            let proxy_url = proxy_url.unwrap_or_else(|| {
+                let mut addr = config.listen.proxy;
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                }
+                format!("http://{addr}")
+            });
+            let ca_file = ca_file.unwrap_or(config.tls.ca_cert);
+            let ca_file = std::path::absolute(&ca_file).unwrap_or(ca_file);
+            let no_proxy = no_proxy.unwrap_or_else(|| {
+                pipeline_env::DEFAULT_NO_PROXY
+                    .iter()
+                    .map(|s| (*s).to_owned())
+                    .collect()
+            });
+            print!(
+                "{}",
+                pipeline_env::render(&proxy_url, &ca_file.to_string_lossy(), &no_proxy, format)
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

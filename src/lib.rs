@@ -22,6 +22,7 @@ pub mod keepalive;
 pub mod logging;
 pub mod metrics;
 pub mod net;
+pub mod pipeline_env;
 pub mod policy;
 pub mod reload;
 pub mod server;

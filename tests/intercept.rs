@@ -387,3 +387,50 @@ async fn a_client_that_distrusts_the_proxy_ca_fails_cleanly_and_others_continue(
     assert_eq!(out.status, 200, "{out:?}");
     s.proxy.stop().await;
 }
+
+#[tokio::test]
+async fn portcullis_env_sourced_in_a_shell_is_all_curl_needs() {
+    let s = setup("").await;
+    let config = s.proxy.dir.path().join("portcullis.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args([
+            "env",
+            "-c",
+            config.to_str().unwrap(),
+            "--proxy-url",
+            &s.proxy.url(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let env_file = s.proxy.dir.path().join("portcullis.env");
+    std::fs::write(&env_file, &out.stdout).unwrap();
+    let script = format!(
+        ". '{}' && curl -sS --max-time 20 '{}'",
+        env_file.display(),
+        s.url("/bearer/from-env")
+    );
+    let out = tokio::process::Command::new("sh")
+        .args(["-c", &script])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("/bearer/from-env"));
+    assert_eq!(
+        s.up.last().header("authorization"),
+        Some(format!("Bearer {BEARER}").as_str())
+    );
+    s.proxy.stop().await;
+}
