@@ -161,7 +161,9 @@ async fn open(
             .server_config(&host)
             .await
             .map_err(|e| {
-                ProxyError::Internal(format!("cannot mint a certificate for {name}: {e}"))
+                ctx.state.telemetry.metrics.certificate_errors.inc();
+                tracing::error!(host = %name, error = %e, "cannot mint an interception certificate");
+                ProxyError::Internal(format!("cannot mint a certificate for {name}"))
             })?;
         return Ok((host, port, Opened::Intercept(tls)));
     }

@@ -10,6 +10,26 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+/// Every metric family the proxy exports (histograms also as `_bucket`, `_sum`, `_count`), besides
+/// the process collector's `process_*` families. Dashboards and alert rules may use only these.
+pub const EXPORTED: [&str; 15] = [
+    "portcullis_requests_total",
+    "portcullis_request_duration_seconds",
+    "portcullis_tunnels_total",
+    "portcullis_tunnel_bytes_total",
+    "portcullis_active_connections",
+    "portcullis_active_tunnels",
+    "portcullis_credential_injections_total",
+    "portcullis_denials_total",
+    "portcullis_upstream_errors_total",
+    "portcullis_certificates_issued_total",
+    "portcullis_config_reloads_total",
+    "portcullis_build_info",
+    "portcullis_audit_events_dropped_total",
+    "portcullis_proxy_auth_failures_total",
+    "portcullis_certificate_errors_total",
+];
+
 /// Latency buckets for a proxy: sub-millisecond to 30 s.
 const DURATION_BUCKETS: [f64; 16] = [
     0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -40,6 +60,8 @@ pub struct Metrics {
     pub upstream_errors: IntCounterVec,
     /// `portcullis_certificates_issued_total`
     pub certificates_issued: IntCounter,
+    /// `portcullis_certificate_errors_total`: interception certificates that could not be minted.
+    pub certificate_errors: IntCounter,
     /// `portcullis_config_reloads_total{result}`
     pub config_reloads: IntCounterVec,
     /// `portcullis_audit_events_dropped_total`: events lost because the audit queue was full.
@@ -132,6 +154,10 @@ impl Metrics {
                 "portcullis_certificates_issued_total",
                 "Interception certificates minted.",
             )?,
+            certificate_errors: counter(
+                "portcullis_certificate_errors_total",
+                "Interception certificates that could not be minted.",
+            )?,
             config_reloads: counter_vec(
                 "portcullis_config_reloads_total",
                 "Configuration reloads, by result.",
@@ -213,22 +239,15 @@ mod tests {
         m.denials.with_label_values(&["no_rule"]).inc();
         m.upstream_errors.with_label_values(&["dns"]).inc();
         m.config_reloads.with_label_values(&["success"]).inc();
+        m.auth_failures.with_label_values(&["unknown"]).inc();
         let text = m.render();
-        for name in [
-            "portcullis_requests_total",
-            "portcullis_request_duration_seconds_bucket",
-            "portcullis_tunnels_total",
-            "portcullis_tunnel_bytes_total",
-            "portcullis_active_connections",
-            "portcullis_active_tunnels",
-            "portcullis_credential_injections_total",
-            "portcullis_denials_total",
-            "portcullis_upstream_errors_total",
-            "portcullis_certificates_issued_total",
-            "portcullis_config_reloads_total",
-            "portcullis_build_info",
-        ] {
-            assert!(text.contains(name), "{name} missing");
+        for name in EXPORTED {
+            assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
         }
+        let families = text
+            .lines()
+            .filter(|l| l.starts_with("# TYPE portcullis_"))
+            .count();
+        assert_eq!(families, EXPORTED.len(), "EXPORTED lists every family");
     }
 }
