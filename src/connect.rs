@@ -220,45 +220,46 @@ pub struct RelayOutcome {
 
 const RELAY_BUFFER_BYTES: usize = 16 * 1024;
 const MAX_CLIENT_HELLO_BYTES: usize = 64 * 1024;
+/// The first read from the client: enough for most ClientHellos, on the task's own state, so an
+/// idle tunnel holds no heap buffer.
+const FIRST_READ_BYTES: usize = 2048;
 
 /// Relays bytes both ways until both sides close (a side's EOF is passed on as a write
 /// shutdown), an error, or `idle` passes with no byte in either direction. The client's first
-/// bytes are inspected for a ClientHello naming another host than `host`.
-pub async fn relay<C, U>(
+/// bytes are inspected for a ClientHello naming another host than `host`; once they start, the
+/// whole ClientHello must arrive within `hello_timeout`.
+///
+/// Relay buffers are allocated on first traffic, so an idle tunnel costs little memory.
+pub async fn relay<C>(
     client: C,
-    upstream: U,
+    upstream: TcpStream,
     host: &Host,
     idle: Duration,
     hello_timeout: Duration,
 ) -> RelayOutcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
 {
     let start = Instant::now();
     let last_activity = AtomicU64::new(0);
     let up_bytes = AtomicU64::new(0);
     let down_bytes = AtomicU64::new(0);
     let (mut client_read, mut client_write) = tokio::io::split(client);
-    let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
+    let (mut upstream_read, mut upstream_write) = upstream.into_split();
 
     let up = async {
-        let first =
-            match tokio::time::timeout(hello_timeout, inspect_first_bytes(&mut client_read, host))
-                .await
-            {
-                Ok(Ok(first)) => first,
-                Ok(Err(end)) => return Err(end),
-                Err(_) => return Err(TunnelEnd::BadClientHello),
-            };
-        if !first.is_empty() {
-            upstream_write
-                .write_all(&first)
-                .await
-                .map_err(|_| TunnelEnd::Error)?;
-            up_bytes.fetch_add(first.len() as u64, Ordering::Relaxed);
-            touch(&last_activity, start);
+        let first = inspect_first_bytes(&mut client_read, host, hello_timeout).await?;
+        if first.is_empty() {
+            let _ = upstream_write.shutdown().await;
+            return Ok(());
         }
+        upstream_write
+            .write_all(&first)
+            .await
+            .map_err(|_| TunnelEnd::Error)?;
+        up_bytes.fetch_add(first.len() as u64, Ordering::Relaxed);
+        drop(first);
+        touch(&last_activity, start);
         pump(
             &mut client_read,
             &mut upstream_write,
@@ -268,13 +269,21 @@ where
         )
         .await
     };
-    let down = pump(
-        &mut upstream_read,
-        &mut client_write,
-        &down_bytes,
-        &last_activity,
-        start,
-    );
+    let down = async {
+        // Wait for the upstream to have something before allocating a buffer.
+        upstream_read
+            .readable()
+            .await
+            .map_err(|_| TunnelEnd::Error)?;
+        pump(
+            &mut upstream_read,
+            &mut client_write,
+            &down_bytes,
+            &last_activity,
+            start,
+        )
+        .await
+    };
     let idle_watch = async {
         loop {
             let last = Duration::from_millis(last_activity.load(Ordering::Relaxed));
@@ -332,20 +341,35 @@ where
     }
 }
 
-/// Reads the client's first bytes. Not TLS: returned as they are. TLS: read until the whole
-/// ClientHello is in, then compare its SNI with the CONNECT host. Returns the bytes to forward.
+/// Reads the client's first bytes (however long that takes: the idle timeout governs). Not TLS:
+/// returned as they are. TLS: the rest of the ClientHello must follow within `hello_timeout`,
+/// then its SNI is compared with the CONNECT host. Returns the bytes to forward (empty on EOF).
 async fn inspect_first_bytes<R: AsyncRead + Unpin>(
     reader: &mut R,
     host: &Host,
+    hello_timeout: Duration,
 ) -> Result<BytesMut, TunnelEnd> {
-    let mut buf = BytesMut::with_capacity(4096);
+    let mut first = [0u8; FIRST_READ_BYTES];
     let n = reader
-        .read_buf(&mut buf)
+        .read(&mut first)
         .await
         .map_err(|_| TunnelEnd::Error)?;
-    if n == 0 || buf[0] != 0x16 {
+    let mut buf = BytesMut::from(&first[..n]);
+    if n == 0 || first[0] != 0x16 {
         return Ok(buf);
     }
+    match tokio::time::timeout(hello_timeout, complete_client_hello(reader, &mut buf, host)).await {
+        Ok(Ok(())) => Ok(buf),
+        Ok(Err(end)) => Err(end),
+        Err(_) => Err(TunnelEnd::BadClientHello),
+    }
+}
+
+async fn complete_client_hello<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    host: &Host,
+) -> Result<(), TunnelEnd> {
     let mut acceptor = rustls::server::Acceptor::default();
     let mut fed = 0;
     loop {
@@ -364,7 +388,7 @@ async fn inspect_first_bytes<R: AsyncRead + Unpin>(
                 let sni = accepted.client_hello().server_name().map(str::to_owned);
                 return match sni {
                     Some(name) if !sni_matches(&name, host) => Err(TunnelEnd::SniMismatch),
-                    _ => Ok(buf),
+                    _ => Ok(()),
                 };
             }
             Ok(None) => {}
@@ -373,10 +397,7 @@ async fn inspect_first_bytes<R: AsyncRead + Unpin>(
         if buf.len() >= MAX_CLIENT_HELLO_BYTES {
             return Err(TunnelEnd::BadClientHello);
         }
-        let n = reader
-            .read_buf(&mut buf)
-            .await
-            .map_err(|_| TunnelEnd::Error)?;
+        let n = reader.read_buf(buf).await.map_err(|_| TunnelEnd::Error)?;
         if n == 0 {
             return Err(TunnelEnd::BadClientHello);
         }

@@ -640,3 +640,43 @@ async fn graceful_shutdown_lets_open_tunnels_finish() {
         .unwrap();
     assert!(started.elapsed() < Duration::from_secs(8));
 }
+
+#[tokio::test]
+async fn server_first_protocols_and_quiet_clients_keep_their_tunnel() {
+    // An SSH-like upstream that speaks first.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(b"SSH-2.0-banner\r\n").await;
+                let mut buf = [0u8; 64];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let proxy = start_proxy(&format!(
+        "[limits]\nheader_read_timeout_seconds = 1\nidle_timeout_seconds = 10\n{}",
+        allow_up(port)
+    ))
+    .await;
+    let mut s = connect_through(&proxy, &format!("up.test:{port}")).await;
+    let mut banner = [0u8; 16];
+    s.read_exact(&mut banner).await.unwrap();
+    assert_eq!(&banner, b"SSH-2.0-banner\r\n");
+    // Quiet for longer than the header deadline: the tunnel stays.
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    s.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echo))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echo, b"ping");
+    drop(s);
+    proxy.stop().await;
+}
