@@ -10,7 +10,7 @@
 //! Masking happens twice: header and query values by name while the event is built, then the
 //! writer replaces any resolved secret value found anywhere in the serialized line.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::fs::OpenOptions;
 use std::io::{BufWriter, Write};
 use std::net::SocketAddr;
@@ -97,39 +97,39 @@ pub enum Kind {
     Tunnel,
 }
 
-/// One audit event, as written (field order is the schema's).
-#[derive(Debug, Clone, Serialize)]
+/// One audit event, as collected on the request path. Formatting (timestamp, addresses, masked
+/// headers and query) happens when the writer thread serializes it ([`EventLine`]), off the
+/// request path.
+#[derive(Debug, Clone)]
 pub struct Event {
-    /// RFC 3339 UTC with microseconds.
-    pub ts: String,
+    /// When the request or tunnel started.
+    pub ts: time::OffsetDateTime,
     /// Unique per event in this process.
-    pub id: String,
+    pub id: u64,
     /// `request` | `tunnel`.
     pub kind: Kind,
     /// Client identity.
-    pub client: String,
+    pub client: Arc<str>,
     /// Client socket address.
-    pub peer: String,
+    pub peer: SocketAddr,
     /// Method (`CONNECT` for tunnels).
-    pub method: String,
+    pub method: http::Method,
     /// `http` | `https`; null when unknown.
     pub scheme: Option<&'static str>,
     /// Destination host.
     pub host: String,
     /// Destination port.
     pub port: u16,
-    /// Path (null for tunnels).
-    pub path: Option<String>,
-    /// Query, masked (null for tunnels or none).
-    pub query: Option<String>,
+    /// Request target: its path and (masked) query are written (null for tunnels).
+    pub uri: Option<http::Uri>,
     /// Policy decision.
     pub decision: Decision,
     /// Why it was denied (or would be).
     pub reason: Option<String>,
     /// The rule that matched.
-    pub rule: Option<String>,
+    pub rule: Option<Arc<str>>,
     /// The credential injected.
-    pub credential: Option<String>,
+    pub credential: Option<Arc<str>>,
     /// Whether TLS was terminated by the proxy.
     pub intercepted: bool,
     /// Response status (null for tunnels that never got one).
@@ -141,13 +141,126 @@ pub struct Event {
     /// Milliseconds from request head (or CONNECT) to the end.
     pub duration_ms: f64,
     /// The upstream address dialled.
-    pub upstream_addr: Option<String>,
-    /// Request headers as sent upstream, masked (null for tunnels or with `log_headers = false`).
-    pub request_headers: Option<BTreeMap<String, String>>,
-    /// Response headers, masked.
-    pub response_headers: Option<BTreeMap<String, String>>,
+    pub upstream_addr: Option<SocketAddr>,
+    /// Request headers as sent upstream (masked when written; null for tunnels).
+    pub request_headers: Option<HeaderMap>,
+    /// Response headers (masked when written).
+    pub response_headers: Option<HeaderMap>,
     /// What failed (upstream errors, tunnel endings other than a clean close).
     pub error: Option<String>,
+}
+
+/// An event with the masker of its snapshot: serializes to the spec §7 schema, in its field
+/// order, with header values and query parameters masked.
+pub struct EventLine<'a> {
+    /// The event.
+    pub event: &'a Event,
+    /// Its snapshot's masker.
+    pub masker: &'a Masker,
+}
+
+struct Masked<'a> {
+    map: &'a HeaderMap,
+    masker: &'a Masker,
+}
+
+impl Serialize for Masked<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut out = serializer.serialize_map(Some(self.map.keys_len()))?;
+        for name in self.map.keys() {
+            let hidden = self.masker.headers.contains(name.as_str());
+            let mut values = self.map.get_all(name).iter();
+            let shown = if hidden {
+                std::borrow::Cow::Borrowed(HIDDEN)
+            } else if self.map.get_all(name).iter().count() == 1 {
+                values
+                    .next()
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()))
+                    .unwrap_or_default()
+            } else {
+                let joined: Vec<String> = values
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                    .collect();
+                std::borrow::Cow::Owned(joined.join(", "))
+            };
+            out.serialize_entry(name.as_str(), &shown)?;
+        }
+        out.end()
+    }
+}
+
+struct Display<T>(T);
+
+impl<T: std::fmt::Display> Serialize for Display<T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&self.0)
+    }
+}
+
+struct Timestamp(time::OffsetDateTime);
+
+impl std::fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let t = self.0;
+        write!(
+            f,
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.microsecond()
+        )
+    }
+}
+
+impl<'a> Serialize for EventLine<'a> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let e = self.event;
+        let log_headers = self.masker.log_headers;
+        let masker = self.masker;
+        let headers = |map: &'a Option<HeaderMap>| {
+            map.as_ref()
+                .filter(|_| log_headers)
+                .map(|map| Masked { map, masker })
+        };
+        let mut out = serializer.serialize_struct("Event", 24)?;
+        out.serialize_field("ts", &Display(Timestamp(e.ts)))?;
+        out.serialize_field("id", &format_args!("{:016x}", e.id))?;
+        out.serialize_field("kind", &e.kind)?;
+        out.serialize_field("client", &*e.client)?;
+        out.serialize_field("peer", &Display(e.peer))?;
+        out.serialize_field("method", e.method.as_str())?;
+        out.serialize_field("scheme", &e.scheme)?;
+        out.serialize_field("host", &e.host)?;
+        out.serialize_field("port", &e.port)?;
+        out.serialize_field("path", &e.uri.as_ref().map(http::Uri::path))?;
+        out.serialize_field(
+            "query",
+            &e.uri
+                .as_ref()
+                .and_then(http::Uri::query)
+                .map(|q| self.masker.query(q)),
+        )?;
+        out.serialize_field("decision", &e.decision)?;
+        out.serialize_field("reason", &e.reason)?;
+        out.serialize_field("rule", &e.rule.as_deref())?;
+        out.serialize_field("credential", &e.credential.as_deref())?;
+        out.serialize_field("intercepted", &e.intercepted)?;
+        out.serialize_field("status", &e.status)?;
+        out.serialize_field("bytes_sent", &e.bytes_sent)?;
+        out.serialize_field("bytes_received", &e.bytes_received)?;
+        out.serialize_field("duration_ms", &e.duration_ms)?;
+        out.serialize_field("upstream_addr", &e.upstream_addr.map(Display))?;
+        out.serialize_field("request_headers", &headers(&e.request_headers))?;
+        out.serialize_field("response_headers", &headers(&e.response_headers))?;
+        out.serialize_field("error", &e.error)?;
+        out.end()
+    }
 }
 
 /// Masks header values, query parameters and secret values (one per snapshot).
@@ -207,32 +320,6 @@ impl Masker {
         }
     }
 
-    /// Headers as an event field: names lower case, repeated values joined with `, `, masked
-    /// names `<HIDDEN>`. `None` when `audit.log_headers` is off.
-    pub fn headers(&self, map: &HeaderMap) -> Option<BTreeMap<String, String>> {
-        if !self.log_headers {
-            return None;
-        }
-        let mut out: BTreeMap<String, String> = BTreeMap::new();
-        for (name, value) in map {
-            let name = name.as_str();
-            let shown = if self.headers.contains(name) {
-                HIDDEN.to_owned()
-            } else {
-                String::from_utf8_lossy(value.as_bytes()).into_owned()
-            };
-            out.entry(name.to_owned())
-                .and_modify(|v| {
-                    if v != HIDDEN {
-                        v.push_str(", ");
-                        v.push_str(&shown);
-                    }
-                })
-                .or_insert(shown);
-        }
-        Some(out)
-    }
-
     /// A query string with the values of masked parameters replaced (names compared
     /// case-insensitively, after percent-decoding).
     pub fn query(&self, query: &str) -> String {
@@ -289,21 +376,6 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// RFC 3339 UTC timestamp with microseconds.
-pub fn timestamp() -> String {
-    let now = time::OffsetDateTime::now_utc();
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-        now.year(),
-        u8::from(now.month()),
-        now.day(),
-        now.hour(),
-        now.minute(),
-        now.second(),
-        now.microsecond()
-    )
-}
-
 /// Event ids: a random per-process key mixed with a counter through a bijection, so ids are
 /// unique within the process and not guessable from one another.
 pub struct IdGenerator {
@@ -322,10 +394,10 @@ impl IdGenerator {
         }
     }
 
-    /// The next id (16 hex digits).
-    pub fn next(&self) -> String {
+    /// The next id (written as 16 hex digits).
+    pub fn next(&self) -> u64 {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        format!("{:016x}", splitmix64(n ^ self.key))
+        splitmix64(n ^ self.key)
     }
 }
 
@@ -476,21 +548,55 @@ impl AuditSink {
     }
 }
 
+/// While events keep coming, the writer naps this long between batches instead of blocking on
+/// the queue: a blocked receiver must be woken (a futex call and a context switch) for every
+/// event, which at tens of thousands of events a second costs more than writing them.
+const BATCH_NAP: std::time::Duration = std::time::Duration::from_millis(5);
+
 fn write_loop(mut out: Output, rx: Receiver<Message>) {
     let mut failing = false;
-    while let Ok(first) = rx.recv() {
+    let mut line = String::with_capacity(1024);
+    let mut busy = false;
+    loop {
+        let first = if busy {
+            std::thread::sleep(BATCH_NAP);
+            rx.try_recv()
+                .map_err(|e| e == std::sync::mpsc::TryRecvError::Disconnected)
+        } else {
+            rx.recv().map_err(|_| true)
+        };
+        let first = match first {
+            Ok(message) => message,
+            Err(true) => break,
+            Err(false) => {
+                busy = false;
+                continue;
+            }
+        };
+        busy = true;
         let mut next = Some(first);
         // Take whatever else is queued, then flush once.
         while let Some(message) = next {
             match message {
                 Message::Event(event, masker) => {
-                    let result = serde_json::to_string(&event)
-                        .map_err(std::io::Error::other)
-                        .and_then(|mut line| {
-                            masker.scrub(&mut line);
-                            line.push('\n');
-                            out.write_all(line.as_bytes())
-                        });
+                    // One buffer for every line: serialize, scrub, write.
+                    let mut bytes = std::mem::take(&mut line).into_bytes();
+                    bytes.clear();
+                    let result = serde_json::to_writer(
+                        &mut bytes,
+                        &EventLine {
+                            event: &event,
+                            masker: &masker,
+                        },
+                    )
+                    .map_err(std::io::Error::other)
+                    .and_then(|()| String::from_utf8(bytes).map_err(std::io::Error::other))
+                    .and_then(|text| {
+                        line = text;
+                        masker.scrub(&mut line);
+                        line.push('\n');
+                        out.write_all(line.as_bytes())
+                    });
                     match result {
                         Err(e) if !failing => {
                             failing = true;
@@ -543,7 +649,7 @@ pub struct Record {
     /// Request body bytes sent upstream (a counting body adds to it).
     pub request_bytes: Arc<AtomicU64>,
     /// The metric label of the rule (`none` until one matches).
-    pub rule_label: String,
+    pub rule_label: Arc<str>,
     masker: Arc<Masker>,
 }
 
@@ -553,23 +659,22 @@ impl Record {
         telemetry: &Telemetry,
         masker: Arc<Masker>,
         kind: Kind,
-        client: &str,
+        client: &Arc<str>,
         peer: SocketAddr,
         method: &http::Method,
     ) -> Self {
         Self {
             event: Event {
-                ts: timestamp(),
+                ts: time::OffsetDateTime::now_utc(),
                 id: telemetry.ids.next(),
                 kind,
-                client: client.to_owned(),
-                peer: peer.to_string(),
-                method: method.as_str().to_owned(),
+                client: client.clone(),
+                peer,
+                method: method.clone(),
                 scheme: None,
                 host: String::new(),
                 port: 0,
-                path: None,
-                query: None,
+                uri: None,
                 decision: Decision::Allow,
                 reason: None,
                 rule: None,
@@ -586,14 +691,9 @@ impl Record {
             },
             started: Instant::now(),
             request_bytes: Arc::new(AtomicU64::new(0)),
-            rule_label: "none".to_owned(),
+            rule_label: Arc::from("none"),
             masker,
         }
-    }
-
-    /// The snapshot's masker.
-    pub fn masker(&self) -> &Masker {
-        &self.masker
     }
 
     /// Records the destination.
@@ -607,10 +707,7 @@ impl Record {
         self.event.scheme = scheme;
         self.event.host = host.to_owned();
         self.event.port = port;
-        if let Some(uri) = uri {
-            self.event.path = Some(uri.path().to_owned());
-            self.event.query = uri.query().map(|q| self.masker.query(q));
-        }
+        self.event.uri = uri.cloned();
     }
 
     /// Records the rule that allowed the request.
@@ -619,9 +716,11 @@ impl Record {
         self.rule_label = rule.name.clone();
     }
 
-    /// Records the request headers as sent upstream (masked).
+    /// Records the request headers as sent upstream (masked when written).
     pub fn request_headers(&mut self, headers: &HeaderMap) {
-        self.event.request_headers = self.masker.headers(headers);
+        if self.masker.log_headers {
+            self.event.request_headers = Some(headers.clone());
+        }
     }
 
     /// Records a refusal or failure. Policy refusals are `deny` with a `reason`; failures after
@@ -666,13 +765,11 @@ impl Record {
                     .status
                     .and_then(|s| http::StatusCode::from_u16(s).ok())
                     .unwrap_or(http::StatusCode::BAD_GATEWAY);
-                let method = http::Method::from_bytes(self.event.method.as_bytes())
-                    .map(|m| method_label(&m))
-                    .unwrap_or("OTHER");
+                let method = method_label(&self.event.method);
                 m.requests
                     .with_label_values(&[
-                        self.event.client.as_str(),
-                        self.rule_label.as_str(),
+                        &*self.event.client,
+                        &*self.rule_label,
                         self.event.decision.as_str(),
                         method,
                         code.as_str(),
@@ -684,8 +781,8 @@ impl Record {
             Kind::Tunnel => {
                 m.tunnels
                     .with_label_values(&[
-                        self.event.client.as_str(),
-                        self.rule_label.as_str(),
+                        &*self.event.client,
+                        &*self.rule_label,
                         self.event.decision.as_str(),
                     ])
                     .inc();
@@ -695,11 +792,7 @@ impl Record {
                 ] {
                     if bytes > 0 {
                         m.tunnel_bytes
-                            .with_label_values(&[
-                                self.event.client.as_str(),
-                                self.rule_label.as_str(),
-                                direction,
-                            ])
+                            .with_label_values(&[&*self.event.client, &*self.rule_label, direction])
                             .inc_by(bytes);
                     }
                 }
@@ -734,8 +827,8 @@ impl Telemetry {
         response: Response<Body>,
     ) -> Response<Body> {
         record.event.status = Some(response.status().as_u16());
-        if record.event.response_headers.is_none() && record.event.kind == Kind::Request {
-            record.event.response_headers = record.masker.headers(response.headers());
+        if record.event.kind == Kind::Request && record.masker.log_headers {
+            record.event.response_headers = Some(response.headers().clone());
         }
         let (parts, inner) = response.into_parts();
         let body = Observed {
@@ -871,6 +964,10 @@ mod tests {
         Masker::new(&config)
     }
 
+    fn shown(masker: &Masker, map: &HeaderMap) -> serde_json::Value {
+        serde_json::to_value(Masked { map, masker }).unwrap()
+    }
+
     #[test]
     fn headers_are_masked_by_name_case_insensitively_including_repeats() {
         let m = masker("");
@@ -882,7 +979,7 @@ mod tests {
         h.append("x-custom-auth", "s3cr3t-value".parse().unwrap());
         h.append("accept", "text/html".parse().unwrap());
         h.append("accept", "application/json".parse().unwrap());
-        let shown = m.headers(&h).unwrap();
+        let shown = shown(&m, &h);
         assert_eq!(shown["authorization"], HIDDEN);
         assert_eq!(shown["cookie"], HIDDEN);
         assert_eq!(shown["x-internal"], HIDDEN);
@@ -915,19 +1012,67 @@ mod tests {
     }
 
     #[test]
-    fn log_headers_off_means_null() {
-        assert!(masker("").headers(&HeaderMap::new()).is_some());
-        let text = "[audit]\nlog_headers = false\n";
-        let config = parse(text, Origin::Embedded, std::path::Path::new("."), false).unwrap();
-        assert!(Masker::new(&config).headers(&HeaderMap::new()).is_none());
+    fn events_serialize_to_the_schema_with_log_headers_honoured() {
+        let m = Arc::new(masker(""));
+        let mut headers = HeaderMap::new();
+        headers.insert("authorization", "Bearer s3cr3t-value".parse().unwrap());
+        headers.insert("user-agent", "git/2.47".parse().unwrap());
+        let event = Event {
+            ts: time::OffsetDateTime::UNIX_EPOCH,
+            id: 0xa1b2_c3d4_e5f6,
+            kind: Kind::Request,
+            client: Arc::from("frontend"),
+            peer: "10.1.2.3:51234".parse().unwrap(),
+            method: http::Method::GET,
+            scheme: Some("https"),
+            host: "api.github.com".into(),
+            port: 443,
+            uri: Some("/repos/o/r?per_page=100&token=abc".parse().unwrap()),
+            decision: Decision::Allow,
+            reason: None,
+            rule: Some(Arc::from("api.github.com")),
+            credential: Some(Arc::from("github")),
+            intercepted: true,
+            status: Some(200),
+            bytes_sent: 0,
+            bytes_received: 4567,
+            duration_ms: 12.3,
+            upstream_addr: Some("140.82.112.6:443".parse().unwrap()),
+            request_headers: Some(headers),
+            response_headers: None,
+            error: None,
+        };
+        let line = serde_json::to_string(&EventLine {
+            event: &event,
+            masker: &m,
+        })
+        .unwrap();
+        assert_eq!(
+            line,
+            r#"{"ts":"1970-01-01T00:00:00.000000Z","id":"0000a1b2c3d4e5f6","kind":"request","client":"frontend","peer":"10.1.2.3:51234","method":"GET","scheme":"https","host":"api.github.com","port":443,"path":"/repos/o/r","query":"per_page=100&token=<HIDDEN>","decision":"allow","reason":null,"rule":"api.github.com","credential":"github","intercepted":true,"status":200,"bytes_sent":0,"bytes_received":4567,"duration_ms":12.3,"upstream_addr":"140.82.112.6:443","request_headers":{"authorization":"<HIDDEN>","user-agent":"git/2.47"},"response_headers":null,"error":null}"#
+        );
+        let quiet = parse(
+            "[audit]\nlog_headers = false\n",
+            Origin::Embedded,
+            std::path::Path::new("."),
+            false,
+        )
+        .unwrap();
+        let quiet = Masker::new(&quiet);
+        let line = serde_json::to_string(&EventLine {
+            event: &event,
+            masker: &quiet,
+        })
+        .unwrap();
+        assert!(line.contains(r#""request_headers":null"#), "{line}");
     }
 
     #[test]
     fn ids_are_unique_and_timestamps_rfc3339() {
         let ids = IdGenerator::new();
-        let set: HashSet<String> = (0..10_000).map(|_| ids.next()).collect();
+        let set: HashSet<u64> = (0..10_000).map(|_| ids.next()).collect();
         assert_eq!(set.len(), 10_000);
-        let ts = timestamp();
+        let ts = Timestamp(time::OffsetDateTime::now_utc()).to_string();
         assert_eq!(ts.len(), "2026-11-23T15:04:05.123456Z".len(), "{ts}");
         assert!(ts.ends_with('Z'));
     }

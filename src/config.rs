@@ -814,7 +814,7 @@ fn validate(raw: RawConfig, origin: Origin, base: &Path) -> Result<Config, Confi
         }
         if let Some(pattern) = pattern {
             rules.push(Rule {
-                name: h.host.trim().to_owned(),
+                name: Arc::from(h.host.trim()),
                 pattern,
                 ports,
                 methods,
@@ -963,7 +963,7 @@ impl Config {
                     .filter(|r| r.clients.as_ref().is_none_or(|cs| cs.contains(&c.name)))
                     .map(|r| match &r.credential {
                         Some(cred) => format!("{} (credential {cred})", r.name),
-                        None => r.name.clone(),
+                        None => r.name.to_string(),
                     })
                     .collect();
                 push(&mut out, format!("  {}: {}", c.name, reach.join(", ")));

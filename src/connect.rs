@@ -172,7 +172,7 @@ async fn open(
         .dial(&host, port)
         .await
         .map_err(|e| ProxyError::from_dial(&name, &e))?;
-    record.event.upstream_addr = Some(dialed.addr.to_string());
+    record.event.upstream_addr = Some(dialed.addr);
     Ok((host, port, Opened::Tunnel(dialed.stream)))
 }
 

@@ -163,7 +163,7 @@ impl CredentialSpec {
 #[derive(Clone)]
 pub struct Credential {
     /// The credential's name (`[credentials.NAME]`).
-    pub name: String,
+    pub name: std::sync::Arc<str>,
     /// The header it sets (client-sent headers of this name are removed first).
     pub header: HeaderName,
     /// The full header value, marked sensitive (never logged by hyper, never HPACK-indexed).
@@ -224,7 +224,7 @@ impl Credential {
             .map_err(|_| CredentialError::NotHeaderSafe("header.prefix"))?;
         value.set_sensitive(true);
         Ok(Self {
-            name: name.to_owned(),
+            name: std::sync::Arc::from(name),
             header,
             value,
             secret,

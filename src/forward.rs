@@ -167,7 +167,7 @@ pub fn apply_credential(
         .telemetry
         .metrics
         .credential_injections
-        .with_label_values(&[cred.name.as_str()])
+        .with_label_values(&[&*cred.name])
         .inc();
 }
 
@@ -205,7 +205,7 @@ where
     };
     let (mut parts, incoming) = response.into_parts();
     if let Some(UpstreamAddr(addr)) = parts.extensions.get::<UpstreamAddr>() {
-        record.event.upstream_addr = Some(addr.to_string());
+        record.event.upstream_addr = Some(*addr);
     }
     prepare_response_headers(&mut parts.headers);
     Ok(Response::from_parts(parts, body::boxed(incoming)))

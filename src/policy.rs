@@ -174,7 +174,7 @@ pub enum Mode {
 #[derive(Debug, Clone)]
 pub struct Rule {
     /// The `host` text as configured: the rule's name in audit events and metric labels.
-    pub name: String,
+    pub name: std::sync::Arc<str>,
     /// Compiled host pattern.
     pub pattern: HostPattern,
     /// Allowed destination ports.

@@ -521,7 +521,7 @@ fn refuse_unidentified(
         telemetry,
         snap.masker.clone(),
         kind,
-        UNAUTHENTICATED,
+        &Arc::from(UNAUTHENTICATED),
         ctx.peer,
         req.method(),
     );
