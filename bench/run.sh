@@ -3,7 +3,7 @@
 # each round, medians over rounds, a Markdown table with ratios on stdout (and in
 # bench/results/latest.md).
 #
-#   bash bench/run.sh            # full run (ROUNDS=3, DURATION=5s per measurement)
+#   bash bench/run.sh            # full run (ROUNDS=3, DURATION=4 s per measurement)
 #   ROUNDS=1 DURATION=2 bash bench/run.sh   # quick look
 #
 # Installs what it needs on Debian (nginx, squid-openssl, tinyproxy, openssl, python3; oha via
@@ -13,10 +13,23 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 ROUNDS=${ROUNDS:-3}
-DURATION=${DURATION:-5}
+DURATION=${DURATION:-4}
 CONNECTIONS=${CONNECTIONS:-50}
 TUNNELS=${TUNNELS:-10000}
 BIG_MIB=${BIG_MIB:-512}
+# PIN=1: the load generator on CPU 0, every server on the other CPUs, so a proxy's figure is not
+# also a measure of how much CPU the load generator took from it.
+PIN=${PIN:-0}
+# SCENARIOS=12: run only these scenarios (digits 1-6).
+SCENARIOS=${SCENARIOS:-123456}
+want() { [[ "$SCENARIOS" == *"$1"* ]]; }
+if [ "$PIN" = 1 ] && [ "$(nproc)" -ge 2 ]; then
+  CLIENT_CPUS="taskset -c 0"
+  SERVER_CPUS="taskset -c 1-$(($(nproc) - 1))"
+else
+  CLIENT_CPUS=""
+  SERVER_CPUS=""
+fi
 WORK=$(mktemp -d /tmp/portcullis-bench.XXXXXX)
 chmod 755 "$WORK"
 PIDS=()
@@ -111,7 +124,7 @@ http {
   }
 }
 EOF
-nginx -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" &
+$SERVER_CPUS nginx -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" &
 PIDS+=($!)
 
 # --- squid (forward on 13128, ssl-bump on 13129) -------------------------------------------
@@ -140,7 +153,7 @@ coredump_dir $WORK/squid
 max_filedescriptors 65536
 shutdown_lifetime 1 seconds
 EOF
-squid -N -f "$WORK/squid/squid.conf" 2>>"$WORK/squid/cache.log" &
+$SERVER_CPUS squid -N -f "$WORK/squid/squid.conf" 2>>"$WORK/squid/cache.log" &
 PIDS+=($!)
 
 # --- tinyproxy -----------------------------------------------------------------------------
@@ -154,7 +167,7 @@ MaxClients 20000
 LogLevel Critical
 ConnectPort 18443
 EOF
-tinyproxy -d -c "$WORK/tinyproxy.conf" >/dev/null 2>&1 &
+$SERVER_CPUS tinyproxy -d -c "$WORK/tinyproxy.conf" >/dev/null 2>&1 &
 PIDS+=($!)
 
 # --- portcullis ----------------------------------------------------------------------------
@@ -193,7 +206,7 @@ portcullis_config stdout | sed 's/^intercept = "always"/intercept = "never"/; /^
 PORTCULLIS_PID=
 start_portcullis() { # $1 = config
   stop_portcullis
-  "$PORTCULLIS" run -c "$1" >/dev/null 2>"$WORK/portcullis.log" &
+  $SERVER_CPUS "$PORTCULLIS" run -c "$1" >/dev/null 2>"$WORK/portcullis.log" &
   PORTCULLIS_PID=$!
   PIDS+=($PORTCULLIS_PID)
   wait_port 3128
@@ -222,7 +235,7 @@ record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$RESULTS"; } # scen
 
 oha_run() { # scenario contender url [oha args...]
   local scenario=$1 contender=$2 url=$3; shift 3
-  if oha --no-tui --output-format json -z "${DURATION}s" -c "$CONNECTIONS" "$@" "$url" > "$WORK/oha.json" 2>"$WORK/oha.err"; then
+  if $CLIENT_CPUS oha --no-tui --output-format json -z "${DURATION}s" -c "$CONNECTIONS" "$@" "$url" > "$WORK/oha.json" 2>"$WORK/oha.err"; then
     python3 "$ROOT/bench/report.py" oha "$WORK/oha.json" "$scenario" "$contender" "$RESULTS"
   else
     log "oha failed for $scenario / $contender: $(head -c 300 "$WORK/oha.err")"
@@ -230,10 +243,11 @@ oha_run() { # scenario contender url [oha args...]
 }
 
 download() { # contender proxy-or-empty
-  local args=(-s -o /dev/null --cacert "$WORK/origin-ca.pem" -w '%{speed_download}' --max-time 120)
+  # HTTP/1.1 for every contender: h2's flow-control windows would measure nginx's h2 settings.
+  local args=(-s -o /dev/null --http1.1 --cacert "$WORK/origin-ca.pem" -w '%{speed_download}' --max-time 120)
   [ -n "$2" ] && args+=(-x "$2")
   local bps
-  bps=$(curl "${args[@]}" "https://127.0.0.1:18443/big") || { log "download failed: $1"; return 0; }
+  bps=$($CLIENT_CPUS curl "${args[@]}" "https://127.0.0.1:18443/big") || { log "download failed: $1"; return 0; }
   record "2 tunnel 512 MiB" "$1" "MB/s" "$(python3 -c "print(f'{$bps / 1e6:.1f}')")"
 }
 
@@ -242,25 +256,35 @@ rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 # --- scenarios -----------------------------------------------------------------------------
 SMALL=http://127.0.0.1:18080/small
 for round in $(seq 1 "$ROUNDS"); do
+  if want 1; then
   log "round $round/$ROUNDS: scenario 1 (plain HTTP keep-alive, $CONNECTIONS connections)"
   oha_run "1 plain HTTP" direct "$SMALL"
   oha_run "1 plain HTTP" "nginx reverse proxy" http://127.0.0.1:18081/small
   oha_run "1 plain HTTP" squid "$SMALL" -x http://127.0.0.1:13128
   oha_run "1 plain HTTP" tinyproxy "$SMALL" -x http://127.0.0.1:18888
   oha_run "1 plain HTTP" portcullis "$SMALL" -x http://127.0.0.1:3128
+  fi
 
+  if want 6; then
   log "round $round: scenario 6 (scenario 1 with audit to a file)"
   start_portcullis "$WORK/portcullis-audit.toml"
   oha_run "6 plain HTTP, audit file" portcullis "$SMALL" -x http://127.0.0.1:3128
   start_portcullis "$WORK/portcullis.toml"
   oha_run "6 plain HTTP, audit file" "portcullis (audit to stdout→/dev/null)" "$SMALL" -x http://127.0.0.1:3128
+  fi
 
-  log "round $round: scenarios 3 and 4 (intercepted HTTPS)"
+  if want 3; then
+  log "round $round: scenario 3 (intercepted HTTPS, keep-alive)"
   oha_run "3 intercepted keep-alive" squid https://127.0.0.1:18443/small -x http://127.0.0.1:13129 --insecure
   oha_run "3 intercepted keep-alive" portcullis https://127.0.0.1:18443/small -x http://127.0.0.1:3128 --insecure
+  fi
+  if want 4; then
+  log "round $round: scenario 4 (intercepted HTTPS, a new connection per request)"
   oha_run "4 intercepted new connection" squid https://127.0.0.1:18443/small -x http://127.0.0.1:13129 --insecure --disable-keepalive
   oha_run "4 intercepted new connection" portcullis https://127.0.0.1:18443/small -x http://127.0.0.1:3128 --insecure --disable-keepalive
+  fi
 
+  if want 2; then
   log "round $round: scenario 2 (CONNECT tunnel, ${BIG_MIB} MiB HTTPS download)"
   start_portcullis "$WORK/portcullis-tunnel.toml"
   download direct ""
@@ -268,8 +292,10 @@ for round in $(seq 1 "$ROUNDS"); do
   download tinyproxy http://127.0.0.1:18888
   download portcullis http://127.0.0.1:3128
   start_portcullis "$WORK/portcullis.toml"
+  fi
 done
 
+if want 5; then
 log "scenario 5 (memory: idle, and $TUNNELS idle tunnels)"
 start_portcullis "$WORK/portcullis-tunnel.toml"
 sleep 1
@@ -293,6 +319,7 @@ for name in squid tinyproxy; do
   [ -n "$pid" ] && record "5 memory" "$name" "idle RSS MiB" "$(python3 -c "print(f'{$(rss_kib "$pid") / 1024:.1f}')")"
 done
 stop_portcullis
+fi
 
 # --- report --------------------------------------------------------------------------------
 mkdir -p "$ROOT/bench/results"

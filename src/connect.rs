@@ -218,7 +218,10 @@ pub struct RelayOutcome {
     pub end: TunnelEnd,
 }
 
+/// A relay buffer starts at this size (interactive traffic: small reads) …
 const RELAY_BUFFER_BYTES: usize = 16 * 1024;
+/// … and doubles up to this one while reads keep filling it (bulk transfers: fewer syscalls).
+const RELAY_BUFFER_MAX_BYTES: usize = 256 * 1024;
 const MAX_CLIENT_HELLO_BYTES: usize = 64 * 1024;
 /// The first read from the client: enough for most ClientHellos, on the task's own state, so an
 /// idle tunnel holds no heap buffer.
@@ -338,6 +341,9 @@ where
             .map_err(|_| TunnelEnd::Error)?;
         counter.fetch_add(n as u64, Ordering::Relaxed);
         touch(last, start);
+        if n == buf.len() && buf.len() < RELAY_BUFFER_MAX_BYTES {
+            buf.resize(buf.len() * 2, 0);
+        }
     }
 }
 

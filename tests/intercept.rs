@@ -208,6 +208,14 @@ async fn paths_outside_the_rules_and_misdirected_hosts_are_refused() {
         .await;
     assert_eq!(out.status, 421, "{out:?}");
     assert!(out.body.contains("other.test"), "{out:?}");
+    // An absolute-form request inside the tunnel naming another host is refused too.
+    let out = s
+        .curl(
+            &["--http1.1", "--request-target", "https://other.test/open/x"],
+            "/open/x",
+        )
+        .await;
+    assert_eq!(out.status, 421, "{out:?}");
     assert_eq!(s.up.count(), before, "nothing refused reached the upstream");
     s.proxy.stop().await;
 }

@@ -680,3 +680,45 @@ async fn server_first_protocols_and_quiet_clients_keep_their_tunnel() {
     drop(s);
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn connect_timeout_is_504() {
+    // A listener that never accepts, its backlog filled: further SYNs go unanswered, so a
+    // connect to it hangs — the loopback stand-in for an unreachable host.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    let _listener = socket.listen(1).unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            TcpStream::connect(("127.0.0.1", port)),
+        )
+        .await
+        {
+            fillers.push(s);
+        }
+    }
+    let proxy = start_proxy(&format!(
+        "[limits]\nconnect_timeout_seconds = 1\n{}",
+        allow_up(port)
+    ))
+    .await;
+    let started = Instant::now();
+    let resp = proxied_client(&proxy.url())
+        .get(format!("http://up.test:{port}/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 504);
+    assert!(proxy_status(&resp).starts_with("portcullis; error=connection_timeout"));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let out = curl(&["-x", &proxy.url(), &format!("https://up.test:{port}/")]).await;
+    assert_eq!(out.connect_status, 504, "{out:?}");
+    proxy.stop().await;
+}
