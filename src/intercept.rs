@@ -26,7 +26,7 @@ use crate::error::ProxyError;
 use crate::forward::{apply_credential, precheck, prepare_request_headers, send};
 use crate::keepalive::{ConnTimer, CountingIo, IoCounter};
 use crate::policy::{self, Host, RequestFacts, Rule};
-use crate::server::{ConnCtx, Snapshot};
+use crate::server::{drive, ConnCtx, Snapshot};
 
 /// The CONNECT target an intercepted tunnel serves.
 #[derive(Debug, Clone)]
@@ -103,17 +103,7 @@ async fn serve_tls(
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let conn = builder.serve_connection(io, service);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        result = conn.as_mut() => result,
-        () = state.drain.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            tokio::select! {
-                result = conn.as_mut() => result,
-                () = state.hard_stop.cancelled() => Ok(()),
-            }
-        }
-    };
+    let result = drive(conn, &state, |c| c.graceful_shutdown()).await;
     match result {
         Ok(()) => None,
         Err(e) => {

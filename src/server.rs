@@ -421,17 +421,7 @@ async fn serve_connection(ctx: ConnCtx, stream: TcpStream) {
         .keep_alive(true)
         .serve_connection(io, service)
         .with_upgrades();
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        result = conn.as_mut() => result,
-        () = state.drain.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            tokio::select! {
-                result = conn.as_mut() => result,
-                () = state.hard_stop.cancelled() => Ok(()),
-            }
-        }
-    };
+    let result = drive(conn, &state, |c| c.graceful_shutdown()).await;
     if let Err(e) = result {
         tracing::debug!(error = %e, "client connection ended with an error");
     }
@@ -466,6 +456,30 @@ impl ConnCtx {
                 Ok(None)
             }
             Err(denial) => Err(ProxyError::Denied(denial)),
+        }
+    }
+}
+
+/// Runs a served connection to its end; once shutdown begins it finishes its current request
+/// and closes, and when the grace period is over it is cut.
+/// (`graceful_shutdown` is hyper's method of the connection type at hand.)
+pub async fn drive<C, E>(
+    conn: C,
+    state: &State,
+    graceful_shutdown: impl FnOnce(std::pin::Pin<&mut C>),
+) -> Result<(), E>
+where
+    C: std::future::Future<Output = Result<(), E>>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => result,
+        () = state.drain.cancelled() => {
+            graceful_shutdown(conn.as_mut());
+            tokio::select! {
+                result = conn.as_mut() => result,
+                () = state.hard_stop.cancelled() => Ok(()),
+            }
         }
     }
 }

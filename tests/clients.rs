@@ -147,26 +147,9 @@ async fn git_clones_as_its_client_through_a_proxy_url_with_credentials() {
     let s = setup("").await;
     let work = tempfile::tempdir().unwrap();
     let url = format!("https://git.test:{}/git/repo.git", s.up.port());
-    let clone = |proxy_url: String, dest: std::path::PathBuf| {
-        let (url, ca, home) = (url.clone(), s.ca.clone(), work.path().to_path_buf());
-        tokio::task::spawn_blocking(move || {
-            Command::new("git")
-                .args(["clone", &url, dest.to_str().unwrap()])
-                .env("HOME", &home)
-                .env("GIT_CONFIG_NOSYSTEM", "1")
-                .env("GIT_TERMINAL_PROMPT", "0")
-                .env("https_proxy", &proxy_url)
-                .env("HTTPS_PROXY", &proxy_url)
-                .env("GIT_SSL_CAINFO", &ca)
-                .env_remove("NO_PROXY")
-                .env_remove("no_proxy")
-                .output()
-                .unwrap()
-        })
-    };
-    let ok = clone(s.proxy_url("frontend", FE_TOKEN), work.path().join("fe"))
-        .await
-        .unwrap();
+    let home = work.path();
+    let fe = s.proxy_url("frontend", FE_TOKEN);
+    let ok = git_clone(&url, &home.join("fe"), &fe, &s.ca, home).await;
     assert!(
         ok.status.success(),
         "{}",
@@ -174,9 +157,8 @@ async fn git_clones_as_its_client_through_a_proxy_url_with_credentials() {
     );
     assert!(work.path().join("fe/README").exists());
     // release has no rule for git.test: the CONNECT is refused.
-    let denied = clone(s.proxy_url("release", REL_TOKEN), work.path().join("rel"))
-        .await
-        .unwrap();
+    let rel = s.proxy_url("release", REL_TOKEN);
+    let denied = git_clone(&url, &home.join("rel"), &rel, &s.ca, home).await;
     assert!(!denied.status.success());
     s.proxy.stop().await;
 }

@@ -353,24 +353,7 @@ credential = "nexus"
     let ca = proxy.dir.path().join("state/ca.pem");
     let dest = work.path().join("clone");
     let url = format!("https://git.test:{}/git/repo.git", up.port());
-    let proxy_url = proxy.url();
-    let home = work.path().to_path_buf();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("git")
-            .args(["clone", &url, dest.to_str().unwrap()])
-            .env("HOME", &home)
-            .env("GIT_CONFIG_NOSYSTEM", "1")
-            .env("GIT_TERMINAL_PROMPT", "0")
-            .env("HTTPS_PROXY", &proxy_url)
-            .env("https_proxy", &proxy_url)
-            .env("GIT_SSL_CAINFO", &ca)
-            .env_remove("NO_PROXY")
-            .env_remove("no_proxy")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = git_clone(&url, &dest, &proxy.url(), &ca, work.path()).await;
     assert!(
         out.status.success(),
         "git clone failed: {}",

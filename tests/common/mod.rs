@@ -672,3 +672,36 @@ pub fn make_repo(root: &Path) -> PathBuf {
     git(&bare, &["update-server-info"]);
     bare
 }
+
+/// `git clone URL DEST` through `proxy_url` trusting `ca`, with an isolated `home` and no prompt.
+pub async fn git_clone(
+    url: &str,
+    dest: &Path,
+    proxy_url: &str,
+    ca: &Path,
+    home: &Path,
+) -> std::process::Output {
+    let (url, dest, proxy_url, ca, home) = (
+        url.to_owned(),
+        dest.to_path_buf(),
+        proxy_url.to_owned(),
+        ca.to_path_buf(),
+        home.to_path_buf(),
+    );
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new("git")
+            .args(["clone", &url, dest.to_str().unwrap()])
+            .env("HOME", &home)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("HTTPS_PROXY", &proxy_url)
+            .env("https_proxy", &proxy_url)
+            .env("GIT_SSL_CAINFO", &ca)
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
