@@ -375,7 +375,15 @@ async fn accept_loop(state: &Arc<State>, listener: &TcpListener) {
             }
         };
         let Ok(slot) = state.connections.clone().try_acquire_owned() else {
-            tokio::spawn(refuse(stream, ProxyError::Overloaded));
+            // No request was read, so there is no audit event; the refusal is counted.
+            let err = ProxyError::Overloaded;
+            state
+                .telemetry
+                .metrics
+                .denials
+                .with_label_values(&[err.reason_code()])
+                .inc();
+            tokio::spawn(refuse(stream, err));
             continue;
         };
         let _ = stream.set_nodelay(true);

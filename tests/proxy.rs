@@ -544,6 +544,11 @@ async fn connections_beyond_the_limit_get_503() {
         head.contains("proxy-status: portcullis; error=proxy_internal_error"),
         "{head}"
     );
+    let metrics = proxy.metrics().await;
+    assert!(
+        metrics.contains("portcullis_denials_total{reason=\"overloaded\"} 1"),
+        "{metrics}"
+    );
     drop(_a);
     drop(_b);
     // Slots free again once those close.
