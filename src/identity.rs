@@ -5,6 +5,7 @@
 //! client's `networks`; anything else is 407.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use base64::Engine;
 use http::HeaderValue;
@@ -21,7 +22,7 @@ pub const ANONYMOUS: &str = "anonymous";
 pub const UNAUTHENTICATED: &str = "unauthenticated";
 
 struct Known {
-    name: String,
+    name: Arc<str>,
     token_digest: Option<[u8; 32]>,
     networks: Vec<IpNet>,
     mode: Option<Mode>,
@@ -30,6 +31,7 @@ struct Known {
 /// The configured clients, ready to identify requests.
 pub struct Clients {
     known: Vec<Known>,
+    anonymous: Arc<str>,
     default_mode: Mode,
 }
 
@@ -44,8 +46,8 @@ impl std::fmt::Debug for Clients {
 /// Who a request is, and the policy mode that applies to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
-    /// Client name (`anonymous` without clients).
-    pub name: String,
+    /// Client name (`anonymous` without clients); shared, so identifying allocates nothing.
+    pub name: Arc<str>,
     /// `policy.mode`, or the client's own `mode`.
     pub mode: Mode,
 }
@@ -90,12 +92,13 @@ impl Clients {
                 .clients
                 .iter()
                 .map(|c| Known {
-                    name: c.name.clone(),
+                    name: Arc::from(c.name.as_str()),
                     token_digest: c.token.as_ref().map(|t| sha256(t.expose().as_bytes())),
                     networks: c.networks.clone(),
                     mode: c.mode,
                 })
                 .collect(),
+            anonymous: Arc::from(ANONYMOUS),
             default_mode: config.mode,
         }
     }
@@ -108,7 +111,7 @@ impl Clients {
     ) -> Result<Identity, AuthFailure> {
         if self.known.is_empty() {
             return Ok(Identity {
-                name: ANONYMOUS.to_owned(),
+                name: self.anonymous.clone(),
                 mode: self.default_mode,
             });
         }
@@ -136,8 +139,8 @@ impl Clients {
                     claimed: self
                         .known
                         .iter()
-                        .find(|k| k.name == name)
-                        .map(|k| k.name.clone()),
+                        .find(|k| *k.name == *name)
+                        .map(|k| k.name.to_string()),
                 }),
             };
         }
@@ -243,9 +246,9 @@ mod tests {
     fn networks_identify_without_a_token() {
         let c = clients("");
         let inside: IpAddr = "10.1.4.5".parse().unwrap();
-        assert_eq!(c.identify(None, inside).unwrap().name, "runners");
+        assert_eq!(&*c.identify(None, inside).unwrap().name, "runners");
         let mapped: IpAddr = "::ffff:10.1.4.5".parse().unwrap();
-        assert_eq!(c.identify(None, mapped).unwrap().name, "runners");
+        assert_eq!(&*c.identify(None, mapped).unwrap().name, "runners");
         assert_eq!(c.identify(None, OUTSIDE), Err(AuthFailure::Missing));
     }
 
@@ -253,6 +256,6 @@ mod tests {
     fn no_clients_means_anonymous() {
         let c =
             Clients::new(&parse("", Origin::Embedded, std::path::Path::new("."), false).unwrap());
-        assert_eq!(c.identify(None, OUTSIDE).unwrap().name, ANONYMOUS);
+        assert_eq!(&*c.identify(None, OUTSIDE).unwrap().name, ANONYMOUS);
     }
 }

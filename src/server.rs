@@ -439,7 +439,7 @@ impl ConnCtx {
     /// This context for a request made by `identity`.
     fn as_identity(&self, identity: Identity) -> Self {
         Self {
-            client: Arc::from(identity.name),
+            client: identity.name,
             mode: identity.mode,
             ..self.clone()
         }
