@@ -5,68 +5,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::io::Read;
+use std::process::Stdio;
+use std::time::Duration;
 
 use common::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
 const ENV_SECRET: &str = "CANARY-env-3b9f1e";
 const FILE_SECRET: &str = "CANARY-file-8d2c7a";
 const VALUE_SECRET: &str = "CANARY-value-51ae0c";
-
-struct Running {
-    child: ChildGuard,
-    proxy: String,
-    admin: String,
-    stderr_lines: mpsc::Receiver<String>,
-}
-
-fn spawn_proxy(config_path: &std::path::Path) -> Running {
-    let mut child = ChildGuard(
-        Command::new(BIN)
-            .args(["run", "-c", config_path.to_str().unwrap()])
-            .env("RUST_LOG", "debug")
-            .env("PORTCULLIS_CANARY_TOKEN", ENV_SECRET)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let stderr = child.0.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut seen = Vec::new();
-    loop {
-        assert!(Instant::now() < deadline, "proxy did not start: {seen:?}");
-        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
-            if line.contains("portcullis listening") {
-                let field = |name: &str| {
-                    line.split(name)
-                        .nth(1)
-                        .and_then(|rest| rest.split_whitespace().next())
-                        .unwrap()
-                        .to_owned()
-                };
-                let (proxy, admin) = (field("proxy_addr="), field("admin_addr="));
-                return Running {
-                    child,
-                    proxy: format!("http://{proxy}"),
-                    admin: format!("http://{admin}"),
-                    stderr_lines: rx,
-                };
-            }
-            seen.push(line);
-        }
-    }
-}
 
 #[tokio::test]
 async fn no_secret_reaches_any_output() {
@@ -117,7 +64,15 @@ credential = "from-value"
     );
     let config_path = dir.path().join("canary.toml");
     std::fs::write(&config_path, config).unwrap();
-    let mut running = spawn_proxy(&config_path);
+    // Verbose logging, so that anything a log line could carry is in the output searched below.
+    let mut running = spawn_binary(
+        &["run", "-c", config_path.to_str().unwrap()],
+        &[
+            ("RUST_LOG", "debug"),
+            ("PORTCULLIS_CANARY_TOKEN", ENV_SECRET),
+        ],
+        Stdio::piped(),
+    );
     let ca = dir.path().join("state/ca.pem");
     let proxy = running.proxy.clone();
     let base = format!("https://secure.test:{port}");
@@ -228,7 +183,8 @@ credential = "from-value"
     let mut stdout = String::new();
     let mut pipe = running.child.0.stdout.take().unwrap();
     pipe.read_to_string(&mut stdout).unwrap();
-    let stderr: Vec<String> = running.stderr_lines.try_iter().collect();
+    let mut stderr = running.startup.clone();
+    stderr.extend(running.drain_lines());
     let stderr = stderr.join("\n");
     assert!(stderr.contains("DEBUG"), "debug logging was on");
 

@@ -4,9 +4,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
 
@@ -148,42 +147,24 @@ async fn run_serves_logs_json_and_exits_zero_on_sigterm() {
         ),
     )
     .unwrap();
-    let mut child = common::ChildGuard(
-        Command::new(BIN)
-            .args(["run", "--log-format", "json", "-c", path.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+    let mut running = common::spawn_binary(
+        &["run", "--log-format", "json", "-c", path.to_str().unwrap()],
+        &[],
+        Stdio::null(),
     );
-    let stderr = child.0.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    // The "listening" line names the bound address.
-    let mut proxy_addr = None;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while proxy_addr.is_none() && Instant::now() < deadline {
-        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
-            let event: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
-            if event["message"] == "portcullis listening" {
-                proxy_addr = event["proxy_addr"].as_str().map(str::to_owned);
-            }
-        }
+    // Every line is JSON, and the "listening" line names the bound address.
+    for line in &running.startup {
+        let event: serde_json::Value = serde_json::from_str(line).expect("JSON log line");
+        assert!(event["message"].is_string(), "{line}");
     }
-    let proxy_addr = proxy_addr.expect("listening line");
-    let out = common::curl(&[
-        "-x",
-        &format!("http://{proxy_addr}"),
-        &format!("http://up.test:{}/", up.port()),
-    ])
-    .await;
+    let listening: serde_json::Value =
+        serde_json::from_str(running.startup.last().unwrap()).unwrap();
+    assert_eq!(listening["message"], "portcullis listening");
+    let proxy_addr = running.proxy.clone();
+    let out = common::curl(&["-x", &proxy_addr, &format!("http://up.test:{}/", up.port())]).await;
     assert_eq!(out.status, 200, "{out:?}");
 
-    let code = child.terminate(Duration::from_secs(20));
+    let code = running.child.terminate(Duration::from_secs(20));
     assert_eq!(code, Some(0));
 }
 

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -154,40 +153,8 @@ async fn sighup_reloads_and_reopens_the_audit_file() {
         )
     };
     std::fs::write(&config, body(&["a.test"])).unwrap();
-    let mut child = ChildGuard(
-        Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .args(["run", "-c", config.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let stderr = child.0.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let wait_for = |needle: &str| -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            assert!(Instant::now() < deadline, "no log line with {needle:?}");
-            if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
-                if line.contains(needle) {
-                    return line;
-                }
-            }
-        }
-    };
-    let line = wait_for("portcullis listening");
-    let addr = line
-        .split("proxy_addr=")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap()
-        .to_owned();
-    let client = proxied_client(&format!("http://{addr}"));
+    let mut running = spawn_binary(&["run", "-c", config.to_str().unwrap()], &[], Stdio::null());
+    let client = proxied_client(&running.proxy);
     let get = |host: &str| client.get(format!("http://{host}:{}/", up.port())).send();
     assert_eq!(get("a.test").await.unwrap().status(), 200);
 
@@ -205,13 +172,13 @@ async fn sighup_reloads_and_reopens_the_audit_file() {
     std::fs::rename(&audit, &rotated).unwrap();
     std::fs::write(&config, body(&["b.test"])).unwrap();
     Command::new("kill")
-        .args(["-HUP", &child.0.id().to_string()])
+        .args(["-HUP", &running.child.0.id().to_string()])
         .status()
         .unwrap();
-    wait_for("configuration reloaded");
+    running.wait_for("configuration reloaded");
     assert_eq!(get("a.test").await.unwrap().status(), 403);
     assert_eq!(get("b.test").await.unwrap().status(), 200);
-    assert_eq!(child.terminate(Duration::from_secs(20)), Some(0));
+    assert_eq!(running.child.terminate(Duration::from_secs(20)), Some(0));
 
     let old = std::fs::read_to_string(&rotated).unwrap();
     let new = std::fs::read_to_string(&audit).unwrap();

@@ -705,3 +705,99 @@ pub async fn git_clone(
     .await
     .unwrap()
 }
+
+/// The real `portcullis` binary running as a child process, its stderr read line by line.
+pub struct RunningBinary {
+    pub child: ChildGuard,
+    /// `http://ADDR` of the proxy listener, from the "listening" log line.
+    pub proxy: String,
+    /// `http://ADDR` of the admin listener.
+    pub admin: String,
+    /// The stderr lines up to and including the "listening" line.
+    pub startup: Vec<String>,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+/// Starts `portcullis ARGS` with `envs` and waits (up to 20 s) until it logs where it listens,
+/// in the text or the JSON log format.
+pub fn spawn_binary(
+    args: &[&str],
+    envs: &[(&str, &str)],
+    stdout: std::process::Stdio,
+) -> RunningBinary {
+    use std::io::BufRead;
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
+    command
+        .args(args)
+        .stdout(stdout)
+        .stderr(std::process::Stdio::piped());
+    for (name, value) in envs {
+        command.env(name, value);
+    }
+    let mut child = ChildGuard(command.spawn().unwrap());
+    let stderr = child.0.stderr.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut startup = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "proxy did not start: {startup:?}"
+        );
+        let Ok(line) = lines.recv_timeout(Duration::from_millis(100)) else {
+            continue;
+        };
+        startup.push(line.clone());
+        if !line.contains("portcullis listening") {
+            continue;
+        }
+        let field = |name: &str| -> String {
+            if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) {
+                return event[name].as_str().unwrap().to_owned();
+            }
+            line.split(&format!("{name}="))
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .unwrap()
+                .to_owned()
+        };
+        return RunningBinary {
+            proxy: format!("http://{}", field("proxy_addr")),
+            admin: format!("http://{}", field("admin_addr")),
+            child,
+            startup,
+            lines,
+        };
+    }
+}
+
+impl RunningBinary {
+    /// Waits (up to 20 s) for a stderr line containing `needle`.
+    pub fn wait_for(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no log line with {needle:?}"
+            );
+            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(100)) {
+                if line.contains(needle) {
+                    return line;
+                }
+            }
+        }
+    }
+
+    /// Every stderr line logged since the last call.
+    pub fn drain_lines(&self) -> Vec<String> {
+        self.lines.try_iter().collect()
+    }
+}
