@@ -1,5 +1,6 @@
 //! The admin listener: `/healthz` (alive), `/readyz` (serving with a valid config; 503 while
-//! draining), `/metrics` and `/ca.pem`. It is separate from the proxy listener and never proxies.
+//! draining), `/metrics` and `/ca.pem`. It is separate from the proxy listener and never proxies,
+//! and it sees only what it shows ([`Admin`]), not the proxy's state.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -12,10 +13,21 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::{self, Body};
-use crate::server::State;
+use crate::metrics::Metrics;
+
+/// What the admin listener serves.
+pub struct Admin {
+    /// The metrics `/metrics` renders.
+    pub metrics: Metrics,
+    /// The interception CA certificate, PEM (`/ca.pem`).
+    pub ca_pem: Arc<str>,
+    /// Cancelled when shutdown begins: `/readyz` answers 503 from then on.
+    pub draining: CancellationToken,
+}
 
 /// Serves the admin listener until `stop` is cancelled.
-pub async fn serve(state: Arc<State>, listener: TcpListener, stop: CancellationToken) {
+pub async fn serve(admin: Admin, listener: TcpListener, stop: CancellationToken) {
+    let state = Arc::new(admin);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -54,16 +66,18 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     response
 }
 
-fn route(state: &State, req: &Request<Incoming>) -> Response<Body> {
+fn route(state: &Admin, req: &Request<Incoming>) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if state.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        "/readyz" if state.draining.is_cancelled() => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+        }
         "/readyz" => text(StatusCode::OK, "ready\n"),
         "/metrics" => {
-            let mut response = Response::new(body::full(state.telemetry.metrics.render()));
+            let mut response = Response::new(body::full(state.metrics.render()));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
                 http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -71,7 +85,7 @@ fn route(state: &State, req: &Request<Incoming>) -> Response<Body> {
             response
         }
         "/ca.pem" => {
-            let pem = state.interceptor.ca().cert_pem().to_owned();
+            let pem = state.ca_pem.to_string();
             let mut response = Response::new(body::full(pem));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,

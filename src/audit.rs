@@ -726,17 +726,18 @@ impl Record {
     /// Records a refusal or failure. Policy refusals are `deny` with a `reason`; failures after
     /// the decision keep `allow` and fill `error`.
     pub fn fail(&mut self, telemetry: &Telemetry, err: &ProxyError) {
-        if err.is_denial() {
+        let class = err.class();
+        if class.denial {
             self.event.decision = Decision::Deny;
             self.event.reason = Some(err.to_string());
             telemetry
                 .metrics
                 .denials
-                .with_label_values(&[err.reason_code()])
+                .with_label_values(&[class.reason])
                 .inc();
         } else {
             self.event.error = Some(err.to_string());
-            if let Some(kind) = err.upstream_error_kind() {
+            if let Some(kind) = class.upstream {
                 telemetry
                     .metrics
                     .upstream_errors

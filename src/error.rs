@@ -103,98 +103,117 @@ pub enum ProxyError {
     },
 }
 
+/// How the proxy answers and accounts for one kind of failure: the one table of spec §6.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Class {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// The RFC 9209 error type for `Proxy-Status`.
+    pub proxy_status: &'static str,
+    /// A short machine-friendly reason: the audit `reason` and the denial metric label.
+    pub reason: &'static str,
+    /// A refusal (audited `deny`, counted in `portcullis_denials_total`), as opposed to a failure
+    /// after the request was allowed (audited `allow` with an `error`).
+    pub denial: bool,
+    /// The `portcullis_upstream_errors_total` kind, for failures reaching an upstream.
+    pub upstream: Option<&'static str>,
+}
+
+const REQUEST_ERROR: &str = "http_request_error";
+const REQUEST_DENIED: &str = "http_request_denied";
+const UNAVAILABLE: &str = "destination_unavailable";
+const INTERNAL: &str = "proxy_internal_error";
+
 impl ProxyError {
+    /// This error's row of the table: status, `Proxy-Status` error, reason, accounting.
+    pub fn class(&self) -> Class {
+        use StatusCode as S;
+        let (status, proxy_status, reason, denial, upstream) = match self {
+            Self::BadRequest(_) => (S::BAD_REQUEST, REQUEST_ERROR, "bad_request", true, None),
+            Self::OriginForm => (S::BAD_REQUEST, REQUEST_ERROR, "origin_form", true, None),
+            Self::MethodNotAllowed(_) => (
+                S::METHOD_NOT_ALLOWED,
+                REQUEST_DENIED,
+                "method_not_allowed",
+                true,
+                None,
+            ),
+            Self::Denied(d) => (S::FORBIDDEN, REQUEST_DENIED, d.code(), true, None),
+            Self::Prohibited { .. } => (
+                S::FORBIDDEN,
+                "destination_ip_prohibited",
+                "destination_prohibited",
+                true,
+                None,
+            ),
+            Self::Misdirected { .. } => (
+                S::MISDIRECTED_REQUEST,
+                REQUEST_DENIED,
+                "misdirected",
+                true,
+                None,
+            ),
+            Self::ProxyAuthRequired(_) => (
+                S::PROXY_AUTHENTICATION_REQUIRED,
+                REQUEST_DENIED,
+                "proxy_auth_required",
+                true,
+                None,
+            ),
+            Self::Loop => (S::LOOP_DETECTED, "proxy_loop_detected", "loop", true, None),
+            Self::Dns { .. } => (S::BAD_GATEWAY, "dns_error", "dns_error", false, Some("dns")),
+            Self::Unavailable { .. } => (
+                S::BAD_GATEWAY,
+                UNAVAILABLE,
+                "destination_unavailable",
+                false,
+                Some("connect"),
+            ),
+            Self::UpstreamReset { .. } => (
+                S::BAD_GATEWAY,
+                UNAVAILABLE,
+                "destination_unavailable",
+                false,
+                Some("reset"),
+            ),
+            Self::UpstreamTls { .. } => (
+                S::BAD_GATEWAY,
+                "tls_certificate_error",
+                "upstream_tls",
+                false,
+                Some("tls"),
+            ),
+            Self::Timeout { .. } => (
+                S::GATEWAY_TIMEOUT,
+                "connection_timeout",
+                "timeout",
+                false,
+                Some("timeout"),
+            ),
+            Self::Internal(_) => (S::INTERNAL_SERVER_ERROR, INTERNAL, "internal", false, None),
+            Self::Overloaded => (S::SERVICE_UNAVAILABLE, INTERNAL, "overloaded", false, None),
+            Self::Draining => (S::SERVICE_UNAVAILABLE, INTERNAL, "draining", false, None),
+        };
+        Class {
+            status,
+            proxy_status,
+            reason,
+            denial,
+            upstream,
+        }
+    }
+
     /// The HTTP status spec §6 assigns.
     pub fn status(&self) -> StatusCode {
-        match self {
-            Self::BadRequest(_) | Self::OriginForm => StatusCode::BAD_REQUEST,
-            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Denied(_) | Self::Prohibited { .. } => StatusCode::FORBIDDEN,
-            Self::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
-            Self::ProxyAuthRequired(_) => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
-            Self::Dns { .. }
-            | Self::Unavailable { .. }
-            | Self::UpstreamReset { .. }
-            | Self::UpstreamTls { .. } => StatusCode::BAD_GATEWAY,
-            Self::Overloaded | Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Self::Loop => StatusCode::LOOP_DETECTED,
-        }
-    }
-
-    /// The RFC 9209 error type for `Proxy-Status`.
-    pub fn proxy_status_error(&self) -> &'static str {
-        match self {
-            Self::BadRequest(_) | Self::OriginForm => "http_request_error",
-            Self::MethodNotAllowed(_)
-            | Self::Denied(_)
-            | Self::Misdirected { .. }
-            | Self::ProxyAuthRequired(_) => "http_request_denied",
-            Self::Prohibited { .. } => "destination_ip_prohibited",
-            Self::Dns { .. } => "dns_error",
-            Self::Unavailable { .. } | Self::UpstreamReset { .. } => "destination_unavailable",
-            Self::UpstreamTls { .. } => "tls_certificate_error",
-            Self::Timeout { .. } => "connection_timeout",
-            Self::Overloaded | Self::Draining | Self::Internal(_) => "proxy_internal_error",
-            Self::Loop => "proxy_loop_detected",
-        }
-    }
-
-    /// A short machine-friendly reason, used as the audit `reason` and the denial metric label.
-    pub fn reason_code(&self) -> &'static str {
-        match self {
-            Self::BadRequest(_) => "bad_request",
-            Self::OriginForm => "origin_form",
-            Self::MethodNotAllowed(_) => "method_not_allowed",
-            Self::Denied(d) => d.code(),
-            Self::Prohibited { .. } => "destination_prohibited",
-            Self::Dns { .. } => "dns_error",
-            Self::Unavailable { .. } | Self::UpstreamReset { .. } => "destination_unavailable",
-            Self::UpstreamTls { .. } => "upstream_tls",
-            Self::Timeout { .. } => "timeout",
-            Self::Overloaded => "overloaded",
-            Self::Internal(_) => "internal",
-            Self::Draining => "draining",
-            Self::Loop => "loop",
-            Self::Misdirected { .. } => "misdirected",
-            Self::ProxyAuthRequired(_) => "proxy_auth_required",
-        }
-    }
-
-    /// Whether this is a refusal (audited as `deny`), as opposed to a failure after the request
-    /// was allowed (audited as `allow` with an `error`).
-    pub fn is_denial(&self) -> bool {
-        matches!(
-            self,
-            Self::BadRequest(_)
-                | Self::OriginForm
-                | Self::MethodNotAllowed(_)
-                | Self::Denied(_)
-                | Self::Prohibited { .. }
-                | Self::Loop
-                | Self::Misdirected { .. }
-                | Self::ProxyAuthRequired(_)
-        )
-    }
-
-    /// The `portcullis_upstream_errors_total` kind, for failures reaching an upstream.
-    pub fn upstream_error_kind(&self) -> Option<&'static str> {
-        match self {
-            Self::Dns { .. } => Some("dns"),
-            Self::Unavailable { .. } => Some("connect"),
-            Self::UpstreamReset { .. } => Some("reset"),
-            Self::UpstreamTls { .. } => Some("tls"),
-            Self::Timeout { .. } => Some("timeout"),
-            _ => None,
-        }
+        self.class().status
     }
 
     /// Builds the response the client sees.
     pub fn to_response(&self) -> Response<Body> {
         let details = self.to_string();
+        let class = self.class();
         let mut response = Response::new(body::full(Bytes::from(format!("{details}\n"))));
-        *response.status_mut() = self.status();
+        *response.status_mut() = class.status;
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
@@ -202,7 +221,7 @@ impl ProxyError {
         );
         headers.insert(
             "proxy-status",
-            proxy_status_value(self.proxy_status_error(), &details),
+            proxy_status_value(class.proxy_status, &details),
         );
         if matches!(self, Self::ProxyAuthRequired(_)) {
             headers.insert(
@@ -268,9 +287,10 @@ pub fn proxy_status_value(error: &str, details: &str) -> HeaderValue {
 /// refusing a connection before serving it: over the connection limit, or draining).
 pub fn raw_refusal(err: &ProxyError) -> Vec<u8> {
     let details = err.to_string();
-    let status = err.status();
+    let class = err.class();
+    let status = class.status;
     let body = format!("{details}\n");
-    let proxy_status = proxy_status_value(err.proxy_status_error(), &details);
+    let proxy_status = proxy_status_value(class.proxy_status, &details);
     let mut out = format!(
         "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\nproxy-status: ",
         status.as_u16(),
@@ -326,8 +346,8 @@ mod tests {
             ),
         ];
         for (err, status, kind) in cases {
-            assert_eq!(err.status().as_u16(), status, "{err}");
-            assert_eq!(err.proxy_status_error(), kind, "{err}");
+            assert_eq!(err.class().status.as_u16(), status, "{err}");
+            assert_eq!(err.class().proxy_status, kind, "{err}");
         }
     }
 

@@ -32,6 +32,7 @@ struct Known {
 pub struct Clients {
     known: Vec<Known>,
     anonymous: Arc<str>,
+    unauthenticated: Arc<str>,
     default_mode: Mode,
 }
 
@@ -99,8 +100,14 @@ impl Clients {
                 })
                 .collect(),
             anonymous: Arc::from(ANONYMOUS),
+            unauthenticated: Arc::from(UNAUTHENTICATED),
             default_mode: config.mode,
         }
+    }
+
+    /// The name a request has until it is identified (shared: naming it allocates nothing).
+    pub fn unauthenticated(&self) -> &Arc<str> {
+        &self.unauthenticated
     }
 
     /// Identifies a request from its `Proxy-Authorization` header and source address.

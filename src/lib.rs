@@ -1,30 +1,23 @@
 //! Portcullis: an authenticating egress proxy for CI and build pipelines.
 //!
-//! A request's path through the crate, top to bottom: [`server`] (listener, limits, lifecycle) →
-//! client identity → [`policy`] (pure allow/deny decisions) → [`connect`] (CONNECT tunnels) or
-//! [`forward`] (plain HTTP) → [`credentials`] → [`upstream`] / [`net`] (resolution, destination
-//! safety, dialling) → response, with [`error`] the one place that maps failures to a status and
-//! `Proxy-Status`. [`config`] loads, validates and freezes the configuration; [`admin`] serves
-//! health endpoints. `main.rs` only parses the command line and calls [`cli`].
+//! A request's path through the crate, top to bottom: [`proxy`] (listener → dispatch → client
+//! identity via [`identity`] → [`policy`] → tunnel | intercept | the one request pipeline →
+//! [`credentials`] → upstream through [`net`]'s dialer → audit + metrics), with [`error`] the one
+//! table mapping failures to a status and `Proxy-Status`. [`config`] loads, validates and freezes
+//! the configuration; [`tls`] holds the interception CA and upstream TLS; [`admin`] serves health
+//! and metrics endpoints; [`cli`] is the command line (`main.rs` only parses it and calls in).
+//! docs/architecture.md draws the module graph.
 
 pub mod admin;
 pub mod audit;
 pub mod body;
 pub mod cli;
 pub mod config;
-pub mod connect;
 pub mod credentials;
 pub mod error;
-pub mod forward;
 pub mod identity;
-pub mod intercept;
-pub mod keepalive;
-pub mod logging;
 pub mod metrics;
 pub mod net;
-pub mod pipeline_env;
 pub mod policy;
-pub mod reload;
-pub mod server;
+pub mod proxy;
 pub mod tls;
-pub mod upstream;

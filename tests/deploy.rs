@@ -378,7 +378,7 @@ fn sidecar_pod_runs_portcullis_as_a_native_sidecar() {
     for build in builds {
         let names = env_names(build);
         let mut wanted = vec!["HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"];
-        wanted.extend(portcullis::pipeline_env::CA_VARIABLES);
+        wanted.extend(portcullis::cli::env::CA_VARIABLES);
         for var in wanted {
             assert!(names.contains(var), "build container lacks {var}");
         }

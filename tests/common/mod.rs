@@ -18,7 +18,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use portcullis::body::{self, Body};
 use portcullis::config::{self, Config, Origin};
-use portcullis::server::{self, ProxyHandle};
+use portcullis::proxy::{self, ProxyHandle};
 use tokio::net::TcpListener;
 
 /// A proxy running in this process.
@@ -111,7 +111,7 @@ pub async fn start_proxy(body: &str) -> TestProxy {
 /// Starts a proxy whose config folder is `dir`.
 pub async fn start_proxy_in(dir: tempfile::TempDir, body: &str) -> TestProxy {
     let config = parse_config(dir.path(), body);
-    let handle = server::start(config).await.expect("proxy starts");
+    let handle = proxy::start(config).await.expect("proxy starts");
     TestProxy {
         addr: handle.proxy_addr,
         admin: handle.admin_addr,

@@ -1,4 +1,4 @@
-//! Pooled upstream HTTP clients. Connections are opened by [`crate::net::Dialer`], so pooled or
+//! Pooled upstream HTTP clients, and what their failures mean. Connections are opened by [`crate::net::Dialer`], so pooled or
 //! fresh, every upstream socket went to an address destination safety judged; the address is
 //! attached to each response as [`UpstreamAddr`] for the audit trail.
 //!
@@ -10,15 +10,16 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use http::Uri;
+use http::{Request, Uri};
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::body::Body;
+use crate::error::ProxyError;
 use crate::net::{DialError, Dialer};
 use crate::policy::Host;
 
@@ -156,6 +157,54 @@ pub fn https_client(dialer: Dialer, tls: rustls::ClientConfig) -> HttpsClient {
         .build(connector)
 }
 
+/// A snapshot's pooled clients: one for `http://` upstreams, one for `https://` ones.
+pub struct Upstreams {
+    http: HttpClient,
+    https: HttpsClient,
+}
+
+impl Upstreams {
+    /// Both clients, dialling through `dialer`; `tls` verifies upstream servers.
+    pub fn new(dialer: &Dialer, tls: rustls::ClientConfig) -> Self {
+        Self {
+            http: http_client(dialer.clone()),
+            https: https_client(dialer.clone(), tls),
+        }
+    }
+
+    /// Sends `req` (absolute-form URI) on the client for its scheme.
+    pub fn request(&self, req: Request<Body>) -> ResponseFuture {
+        if req.uri().scheme_str() == Some("https") {
+            self.https.request(req)
+        } else {
+            self.http.request(req)
+        }
+    }
+}
+
+/// Classifies a client error: dial failures keep their class; anything after connecting is the
+/// upstream dropping us.
+pub fn failure(host: &str, err: &hyper_util::client::legacy::Error) -> ProxyError {
+    if let Some(dial) = dial_error(err) {
+        return ProxyError::from_dial(host, dial);
+    }
+    if let Some(tls) = tls_error(err) {
+        return ProxyError::UpstreamTls {
+            host: host.to_owned(),
+            reason: tls.to_string(),
+        };
+    }
+    if err.is_connect() {
+        return ProxyError::Unavailable {
+            host: host.to_owned(),
+            reason: "cannot connect".to_owned(),
+        };
+    }
+    ProxyError::UpstreamReset {
+        host: host.to_owned(),
+    }
+}
+
 /// Walks an error's chain, looking inside `io::Error`s too (whose `source()` skips the error
 /// they wrap), and returns the first `T` found.
 fn find_in_chain<'a, T: std::error::Error + 'static>(
@@ -177,12 +226,12 @@ fn find_in_chain<'a, T: std::error::Error + 'static>(
 }
 
 /// Finds the [`DialError`] behind a client error, if the failure was in dialling.
-pub fn dial_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a DialError> {
+fn dial_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a DialError> {
     find_in_chain::<DialError>(err)
 }
 
 /// Finds the TLS failure behind a client error (an untrusted or mismatched certificate, a failed
 /// handshake).
-pub fn tls_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+fn tls_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
     find_in_chain::<rustls::Error>(err)
 }

@@ -1,14 +1,18 @@
-//! The command line (spec §1): `run` (default), `check`, `ca init`, `ca show` and `env`. `main.rs` parses it and calls
-//! [`execute`].
+//! The command line (spec §1): `run` (default), `check`, `ca init`, `ca show` and `env`.
+//! `main.rs` parses it and calls [`execute`]; [`env`] renders what a pipeline container needs,
+//! [`logging`] sets up log lines.
+
+pub mod env;
+pub mod logging;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::logging::{self, LogFormat};
-use crate::pipeline_env::{self, Format};
-use crate::{config, server, tls};
+use self::env::Format;
+use self::logging::LogFormat;
+use crate::{config, proxy, tls};
 
 /// Portcullis: an authenticating egress proxy for CI and build pipelines.
 #[derive(Debug, Parser)]
@@ -88,7 +92,7 @@ pub enum CliError {
     Config(config::ConfigErrors),
     /// The proxy could not start or failed.
     #[error(transparent)]
-    Server(#[from] server::ServerError),
+    Server(#[from] proxy::ServerError),
     /// A CA or TLS operation failed.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
@@ -118,7 +122,7 @@ pub fn execute(cli: Cli) -> Result<ExitCode, CliError> {
                 .enable_all()
                 .build()
                 .map_err(CliError::Runtime)?;
-            runtime.block_on(server::run(config))?;
+            runtime.block_on(proxy::run(config))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check => {
@@ -187,14 +191,14 @@ pub fn execute(cli: Cli) -> Result<ExitCode, CliError> {
             let ca_file = ca_file.unwrap_or(config.tls.ca_cert);
             let ca_file = std::path::absolute(&ca_file).unwrap_or(ca_file);
             let no_proxy = no_proxy.unwrap_or_else(|| {
-                pipeline_env::DEFAULT_NO_PROXY
+                env::DEFAULT_NO_PROXY
                     .iter()
                     .map(|s| (*s).to_owned())
                     .collect()
             });
             print!(
                 "{}",
-                pipeline_env::render(&proxy_url, &ca_file.to_string_lossy(), &no_proxy, format)
+                env::render(&proxy_url, &ca_file.to_string_lossy(), &no_proxy, format)
             );
             Ok(ExitCode::SUCCESS)
         }

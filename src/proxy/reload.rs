@@ -4,14 +4,17 @@
 //! Requests and tunnels in flight keep the snapshot they started with.
 //!
 //! Files are watched by polling their metadata once a second (with a short debounce), which also
-//! sees Kubernetes ConfigMap and Secret updates, where the file is swapped through a symlink.
+//! sees Kubernetes ConfigMap and Secret updates, where the file is swapped through a symlink. The
+//! polling runs on the blocking pool, never on a runtime worker. Every load — SIGHUP, an explicit
+//! [`Reloader::reload`], or the watcher — records what the watched files looked like, so a change
+//! is loaded once, not once more by the watcher.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use super::state::{Snapshot, State};
 use crate::config::{self, Config, Origin};
-use crate::server::{Snapshot, State};
 
 /// How often watched files are checked.
 const POLL: Duration = Duration::from_secs(1);
@@ -36,13 +39,59 @@ fn config_path(origin: &Origin) -> Option<&Path> {
     }
 }
 
-impl State {
+/// Reloads the configuration of a running proxy.
+pub struct Reloader {
+    state: Arc<State>,
+    /// What the watched files looked like at the last load (held while loading, so loads never
+    /// overlap).
+    loaded: Mutex<Fingerprint>,
+}
+
+impl Reloader {
+    /// A reloader for `state`, whose current configuration was loaded from the files as they
+    /// are now.
+    pub fn new(state: Arc<State>) -> Self {
+        let loaded = fingerprint(&watched(&state.snapshot().config));
+        Self {
+            state,
+            loaded: Mutex::new(loaded),
+        }
+    }
+
     /// Reloads the configuration from where the running one came from. On success the new
-    /// snapshot serves every request that starts from now on.
+    /// snapshot serves every request that starts from now on. Blocking: call it off the runtime's
+    /// workers.
     pub fn reload(&self) -> Result<(), ReloadError> {
-        let current = self.snapshot();
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        self.load(&mut loaded)
+    }
+
+    /// Reloads only if the watched files differ from `seen` and from what the last load saw.
+    fn reload_if_changed(&self, seen: &Fingerprint) {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        if *loaded != *seen {
+            tracing::info!("a watched file changed: reloading");
+            let _ = self.load(&mut loaded);
+        }
+    }
+
+    fn load(&self, loaded: &mut Fingerprint) -> Result<(), ReloadError> {
+        let current = self.state.snapshot();
+        // Taken before reading, so a change made while loading is seen by the next poll.
+        let before = fingerprint(&watched(&current.config));
         let result = self.try_reload(&current.config);
-        let metrics = &self.telemetry.metrics;
+        *loaded = match &result {
+            // The new configuration may watch other files (a new secret file).
+            Ok(()) => fingerprint(&watched(&self.state.snapshot().config))
+                .into_iter()
+                .map(|(path, meta)| {
+                    let old = before.iter().find(|(p, _)| *p == path);
+                    (path, old.map_or(meta, |(_, m)| *m))
+                })
+                .collect(),
+            Err(_) => before,
+        };
+        let metrics = &self.state.telemetry.metrics;
         match &result {
             Ok(()) => {
                 metrics.config_reloads.with_label_values(&["success"]).inc();
@@ -82,21 +131,54 @@ impl State {
         let output_changed = new.audit.output != current.audit.output;
         let rules = new.rules.len();
         let output = new.audit.output.clone();
-        let snapshot = Snapshot::build(new, self.own_listeners.clone())?;
-        self.swap(snapshot);
+        let snapshot = Snapshot::build(new, self.state.own_listeners.clone())?;
+        self.state.swap(snapshot);
         if output_changed {
-            self.telemetry.audit.reopen(output);
+            self.state.telemetry.audit.reopen(output);
         }
         tracing::info!(rules, "configuration reloaded");
         Ok(())
     }
 
-    /// SIGHUP: reopen the audit file (log rotation), then reload.
+    /// SIGHUP: reopen the audit file (log rotation), then reload. Blocking.
     pub fn hangup(&self) {
-        self.telemetry
+        self.state
+            .telemetry
             .audit
-            .reopen(self.snapshot().config.audit.output.clone());
+            .reopen(self.state.snapshot().config.audit.output.clone());
         let _ = self.reload();
+    }
+
+    /// Watches the config file, secret files and extra CA files until shutdown begins, reloading
+    /// when one changes and has settled.
+    pub async fn watch(self: Arc<Self>) {
+        let drain = self.state.drain.clone();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(POLL) => {}
+                () = drain.cancelled() => return,
+            }
+            let reloader = self.clone();
+            let _ = tokio::task::spawn_blocking(move || reloader.poll()).await;
+        }
+    }
+
+    /// One look at the watched files (blocking: `stat` calls).
+    fn poll(&self) {
+        let files = watched(&self.state.snapshot().config);
+        let now = fingerprint(&files);
+        let unchanged = {
+            let loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+            *loaded == now
+        };
+        if unchanged {
+            return;
+        }
+        // Let the writer finish, then load what settled.
+        std::thread::sleep(DEBOUNCE);
+        if fingerprint(&files) == now {
+            self.reload_if_changed(&now);
+        }
     }
 }
 
@@ -124,32 +206,4 @@ fn watched(config: &Config) -> Vec<PathBuf> {
     paths.extend(config.secret_files.iter().cloned());
     paths.extend(config.tls.extra_upstream_ca.iter().cloned());
     paths
-}
-
-/// Watches the config file, secret files and extra CA files until `state` stops, reloading
-/// when one changes.
-pub async fn watch(state: Arc<State>) {
-    let mut files = watched(&state.snapshot().config);
-    let mut last = fingerprint(&files);
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(POLL) => {}
-            () = state.drain.cancelled() => return,
-        }
-        let now = fingerprint(&files);
-        if now == last {
-            continue;
-        }
-        // Let the writer finish, then load what settled.
-        tokio::time::sleep(DEBOUNCE).await;
-        let settled = fingerprint(&files);
-        if settled != now {
-            continue;
-        }
-        tracing::info!("a watched file changed: reloading");
-        let reloading = state.clone();
-        let _ = tokio::task::spawn_blocking(move || reloading.reload()).await;
-        files = watched(&state.snapshot().config);
-        last = fingerprint(&files);
-    }
 }

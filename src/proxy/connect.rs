@@ -1,0 +1,157 @@
+//! CONNECT: policy first, then dial the upstream (within the connect timeout), and only then
+//! answer `200`, so a client never gets a dead tunnel. Then either relay bytes
+//! ([`super::tunnel`]) or terminate TLS and serve the requests inside ([`super::intercept`]).
+//!
+//! The tunnel's audit event (kind `tunnel`) is written when it ends, with the bytes it moved —
+//! also when it is cut at the end of the shutdown grace period.
+
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use rustls::ServerConfig;
+use tokio::net::TcpStream;
+
+use super::headers::precheck;
+use super::intercept;
+use super::keepalive::{CountingIo, IoCounter};
+use super::outcome;
+use super::request::TunnelTarget;
+use super::state::{ConnCtx, Gauged, Snapshot};
+use super::tunnel::{self, TunnelEnd};
+use crate::audit::Record;
+use crate::body::{self, Body};
+use crate::error::ProxyError;
+use crate::identity::Identity;
+use crate::policy::{self, Host, RequestFacts};
+
+/// What the CONNECT opened before answering 200.
+pub enum Opened {
+    /// A tunnel: the upstream socket, already connected.
+    Tunnel(TunnelTarget, TcpStream),
+    /// Interception: the TLS configuration for the CONNECT host (addresses already judged).
+    Intercept(TunnelTarget, Arc<ServerConfig>),
+}
+
+/// Policy, then either dial (tunnel) or judge the addresses and prepare the leaf (intercept).
+/// An intercepted tunnel's upstream connections come from the pool, per inner request; a
+/// connect failure there is answered inside the tunnel (502/504 with `Proxy-Status`).
+pub async fn open(
+    conn: &ConnCtx,
+    snap: &Snapshot,
+    identity: &Identity,
+    req: &Request<Incoming>,
+    record: &mut Record,
+) -> Result<Opened, ProxyError> {
+    let bad = || ProxyError::BadRequest("CONNECT needs host:port".into());
+    let authority = req.uri().authority().ok_or_else(bad)?;
+    precheck(req.method(), req.headers())?;
+    let port = authority.port_u16().ok_or_else(bad)?;
+    let host = Host::parse(authority.host())
+        .ok_or_else(|| ProxyError::BadRequest(format!("invalid host {:?}", authority.host())))?;
+    let facts = RequestFacts {
+        host: &host,
+        port,
+        method: None,
+        path: None,
+        client: &identity.name,
+    };
+    // Report mode may let an unlisted CONNECT through: it is tunneled (no rule, no credential).
+    let verdict = policy::judge(&snap.config.rules, &facts, identity.mode);
+    let rule = outcome::admit(&conn.state.telemetry, record, verdict)?;
+    let name = || host.to_string();
+    if rule.is_some_and(|r| r.intercepts()) {
+        record.event.intercepted = true;
+        snap.dialer
+            .resolve_checked(&host, port)
+            .await
+            .map_err(|e| ProxyError::from_dial(&name(), &e))?;
+        let tls = conn
+            .state
+            .interceptor
+            .server_config(&host)
+            .await
+            .map_err(|e| {
+                conn.state.telemetry.metrics.certificate_errors.inc();
+                tracing::error!(host = %name(), error = %e, "cannot mint an interception certificate");
+                ProxyError::Internal(format!("cannot mint a certificate for {}", name()))
+            })?;
+        return Ok(Opened::Intercept(TunnelTarget::new(host, port)?, tls));
+    }
+    let dialed = snap
+        .dialer
+        .dial(&host, port)
+        .await
+        .map_err(|e| ProxyError::from_dial(&name(), &e))?;
+    record.event.upstream_addr = Some(dialed.addr);
+    Ok(Opened::Tunnel(
+        TunnelTarget::new(host, port)?,
+        dialed.stream,
+    ))
+}
+
+/// Answers `200` and spawns the tunnel, which takes over the CONNECT's record and writes it when
+/// the tunnel ends.
+pub fn start(
+    conn: &ConnCtx,
+    snap: &Snapshot,
+    identity: Identity,
+    opened: Opened,
+    req: &mut Request<Incoming>,
+    mut record: Record,
+) -> Response<Body> {
+    record.event.status = Some(200);
+    let on_upgrade = hyper::upgrade::on(req);
+    let conn = conn.clone();
+    let limits = snap.config.limits.clone();
+    let state = conn.state.clone();
+    state.tasks.spawn(async move {
+        let telemetry = conn.state.telemetry.clone();
+        let stop = conn.state.hard_stop.clone();
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                let error = Some(format!("CONNECT upgrade failed: {e}"));
+                record.finish_tunnel(&telemetry, 0, 0, error);
+                return;
+            }
+        };
+        let _active = Gauged::new(&telemetry.metrics.active_tunnels);
+        // Counted on the client side and owned here, so a tunnel cut at shutdown still reports
+        // what it moved: read = client → upstream, written = upstream → client.
+        let counter = Arc::new(IoCounter::default());
+        let client = CountingIo::new(TokioIo::new(upgraded), counter.clone());
+        let work = async {
+            match opened {
+                Opened::Intercept(target, tls) => {
+                    intercept::serve(conn.clone(), identity, target, client, tls).await
+                }
+                Opened::Tunnel(target, upstream) => {
+                    let idle = limits.idle_timeout;
+                    let hello = limits.header_read_timeout;
+                    let end = tunnel::relay(client, upstream, &target.host, idle, hello).await;
+                    tracing::debug!(
+                        peer = %conn.peer,
+                        host = %target.host,
+                        port = target.port,
+                        up = counter.read(),
+                        down = counter.written(),
+                        end = end.as_str(),
+                        "tunnel closed"
+                    );
+                    (end != TunnelEnd::Closed).then(|| end.as_str().to_owned())
+                }
+            }
+        };
+        let error = tokio::select! {
+            error = work => error,
+            () = stop.cancelled() => Some(TunnelEnd::Shutdown.as_str().to_owned()),
+        };
+        let (up, down) = (counter.read(), counter.written());
+        record.finish_tunnel(&telemetry, up, down, error);
+    });
+    let mut response = Response::new(body::empty());
+    *response.status_mut() = StatusCode::OK;
+    response
+}

@@ -1,0 +1,103 @@
+//! The one place a request from the proxy listener is routed. Read top to bottom, this is a
+//! request's path through the proxy:
+//!
+//! 1. the configuration snapshot current now (kept to the end, so a reload never changes a
+//!    request midway) and an audit record;
+//! 2. **client identity** ([`crate::identity`]): `Proxy-Authorization` or source network, else 407;
+//! 3. draining: 503;
+//! 4. **CONNECT** ([`super::connect`]): policy, dial, `200`, then a raw tunnel
+//!    ([`super::tunnel`]) or interception ([`super::intercept`], whose inner requests come back
+//!    through step 5 with origin `Tunnel`);
+//! 5. anything else: **the one request pipeline** ([`super::request`]): policy → credentials →
+//!    upstream;
+//! 6. **audit + metrics**: [`super::outcome::respond`] turns a failure into its response and
+//!    finishes the record when the response body ends.
+
+use http::header::PROXY_AUTHORIZATION;
+use http::{Method, Request, Response};
+use hyper::body::Incoming;
+
+use super::connect;
+use super::outcome;
+use super::request::{self, Origin};
+use super::state::{ConnCtx, Snapshot};
+use crate::audit::{Kind, Record};
+use crate::body::Body;
+use crate::error::ProxyError;
+use crate::identity::Identity;
+
+/// Serves one request from the proxy listener.
+pub async fn serve(conn: &ConnCtx, mut req: Request<Incoming>) -> Response<Body> {
+    let snap = conn.state.snapshot();
+    let telemetry = &conn.state.telemetry;
+    let kind = if req.method() == Method::CONNECT {
+        Kind::Tunnel
+    } else {
+        Kind::Request
+    };
+    let mut record = Record::new(
+        telemetry,
+        snap.masker.clone(),
+        kind,
+        snap.clients.unauthenticated(),
+        conn.peer,
+        req.method(),
+    );
+    record_claimed_target(&mut record, &req);
+    let identity = match identify(conn, &snap, &req, &mut record) {
+        Ok(identity) => identity,
+        Err(err) => return outcome::respond(telemetry, record, Err(err)),
+    };
+    if conn.state.is_draining() {
+        return outcome::respond(telemetry, record, Err(ProxyError::Draining));
+    }
+    if kind == Kind::Tunnel {
+        return match connect::open(conn, &snap, &identity, &req, &mut record).await {
+            Ok(opened) => connect::start(conn, &snap, identity, opened, &mut req, record),
+            Err(err) => outcome::respond(telemetry, record, Err(err)),
+        };
+    }
+    let result = request::handle(conn, &snap, &identity, Origin::Listener, req, &mut record).await;
+    outcome::respond(telemetry, record, result)
+}
+
+/// The destination as the client named it, so that even a refused request is audited with it.
+fn record_claimed_target(record: &mut Record, req: &Request<Incoming>) {
+    let Some(authority) = req.uri().authority() else {
+        return;
+    };
+    if record.event.kind == Kind::Tunnel {
+        let port = authority.port_u16().unwrap_or(0);
+        record.target(None, authority.host(), port, None);
+    } else {
+        let port = authority.port_u16().unwrap_or(80);
+        record.target(Some("http"), authority.host(), port, Some(req.uri()));
+    }
+}
+
+/// Identifies the client; a failure is audited (client `unauthenticated`) and counted per
+/// claimed client. Report mode never relaxes this.
+fn identify(
+    conn: &ConnCtx,
+    snap: &Snapshot,
+    req: &Request<Incoming>,
+    record: &mut Record,
+) -> Result<Identity, ProxyError> {
+    let proxy_authorization = req.headers().get(PROXY_AUTHORIZATION);
+    match snap.clients.identify(proxy_authorization, conn.peer.ip()) {
+        Ok(identity) => {
+            record.event.client = identity.name.clone();
+            Ok(identity)
+        }
+        Err(failure) => {
+            conn.state
+                .telemetry
+                .metrics
+                .auth_failures
+                .with_label_values(&[failure.label()])
+                .inc();
+            tracing::info!(peer = %conn.peer, claimed = failure.label(), "{failure}");
+            Err(ProxyError::ProxyAuthRequired(failure.to_string()))
+        }
+    }
+}

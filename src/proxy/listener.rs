@@ -1,0 +1,86 @@
+//! The proxy listener: accept → connection slot (503 beyond `max_connections`, answered without
+//! reading the request) → HTTP/1.1 with header-read and keep-alive deadlines
+//! ([`super::keepalive`]) → [`super::dispatch`] for each request.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Request;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::dispatch;
+use super::keepalive::{ConnTimer, CountingIo, IoCounter};
+use super::state::{ConnCtx, Gauged, State};
+use crate::error::{raw_refusal, ProxyError};
+
+/// Accepts client connections until the future is dropped (when shutdown begins).
+pub async fn accept_loop(state: &Arc<State>, listener: &TcpListener) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Some(slot) = state.connection_slot() else {
+            // No request was read, so there is no audit event; the refusal is counted.
+            let err = ProxyError::Overloaded;
+            state
+                .telemetry
+                .metrics
+                .denials
+                .with_label_values(&[err.class().reason])
+                .inc();
+            tokio::spawn(refuse(stream, err));
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let active = Gauged::new(&state.telemetry.metrics.active_connections);
+        let conn = ConnCtx::new(state.clone(), peer, slot);
+        state.tasks.spawn(async move {
+            serve_connection(conn, stream).await;
+            drop(active);
+        });
+    }
+}
+
+/// Answers a connection the proxy will not serve, without reading its request.
+async fn refuse(mut stream: TcpStream, err: ProxyError) {
+    let bytes = raw_refusal(&err);
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = stream.write_all(&bytes).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+async fn serve_connection(conn: ConnCtx, stream: TcpStream) {
+    let state = conn.state.clone();
+    let limits = state.snapshot().config.limits.clone();
+    let service = service_fn(move |req: Request<Incoming>| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(dispatch::serve(&conn, req).await) }
+    });
+    let counter = Arc::new(IoCounter::default());
+    let io = TokioIo::new(CountingIo::new(stream, counter.clone()));
+    let served = hyper::server::conn::http1::Builder::new()
+        .timer(ConnTimer::new(counter, limits.idle_timeout))
+        .header_read_timeout(limits.header_read_timeout)
+        .max_header_size(limits.max_header_bytes)
+        .max_headers(256)
+        .keep_alive(true)
+        .serve_connection(io, service)
+        .with_upgrades();
+    let result = state.drive(served, |c| c.graceful_shutdown()).await;
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "client connection ended with an error");
+    }
+}

@@ -1,0 +1,298 @@
+//! The proxy: listeners, lifecycle, and the one request path.
+//!
+//! A request's path through the code, top to bottom: [`listener`] (accept, connection limit,
+//! HTTP/1.1 deadlines) → [`dispatch`] (client identity, then CONNECT or not) → [`connect`]
+//! ([`tunnel`] | [`intercept`]) or the one request pipeline [`request`] (policy → credentials →
+//! [`upstream`]) → [`outcome`] (the one rescue point: audit + metrics). [`state`] holds what every
+//! connection shares; [`reload`] swaps its configuration snapshot.
+//!
+//! Shutdown (§9): stop accepting, report not-ready, let in-flight requests and tunnels finish for
+//! up to `shutdown_grace_seconds`, then cut what is left.
+
+mod connect;
+mod dispatch;
+mod headers;
+mod intercept;
+pub mod keepalive;
+mod listener;
+mod outcome;
+pub mod reload;
+mod request;
+pub mod state;
+mod tunnel;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use headers::VIA_TOKEN;
+pub use reload::{ReloadError, Reloader};
+pub use state::{Snapshot, State};
+
+use crate::admin::{self, Admin};
+use crate::audit::{AuditError, AuditSink, IdGenerator, Telemetry};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::tls::{CertificateAuthority, Interceptor, TlsError};
+
+/// Starting the proxy failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The audit output cannot be opened.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    /// The metrics registry could not be built.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// The CA or the upstream TLS configuration could not be set up.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The supervisor task failed.
+    #[error("proxy task failed: {0}")]
+    Task(String),
+}
+
+/// A running proxy.
+pub struct ProxyHandle {
+    /// Where the proxy listener is bound.
+    pub proxy_addr: SocketAddr,
+    /// Where the admin listener is bound.
+    pub admin_addr: SocketAddr,
+    state: Arc<State>,
+    reloader: Arc<Reloader>,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl ProxyHandle {
+    /// Begins graceful shutdown.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Reloads the configuration now (what SIGHUP does, without reopening the audit output).
+    /// Blocking.
+    pub fn reload(&self) -> Result<(), ReloadError> {
+        self.reloader.reload()
+    }
+
+    /// Shared state (tests and the admin listener read it).
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+
+    /// Waits until the proxy has stopped.
+    pub async fn wait(self) -> Result<(), ServerError> {
+        self.task
+            .await
+            .map_err(|e| ServerError::Task(e.to_string()))
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })
+}
+
+/// Binds both listeners and starts serving `config`.
+pub async fn start(config: Config) -> Result<ProxyHandle, ServerError> {
+    let proxy_listener = bind(config.listen.proxy).await?;
+    let admin_listener = bind(config.listen.admin).await?;
+    let proxy_addr = proxy_listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen.proxy,
+            source,
+        })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen.admin,
+            source,
+        })?;
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
+    let (ca, created) =
+        CertificateAuthority::load_or_create(&config.tls.ca_cert, &config.tls.ca_key)?;
+    if created {
+        tracing::info!(
+            cert = %config.tls.ca_cert.display(),
+            key = %config.tls.ca_key.display(),
+            "generated a new interception CA: clients must trust this certificate"
+        );
+    }
+    let own: Arc<[SocketAddr]> = Arc::from(vec![proxy_addr, admin_addr]);
+    let max_connections = config.limits.max_connections;
+    let grace = config.limits.shutdown_grace;
+    let metrics = Metrics::new()?;
+    let audit = AuditSink::start(&config.audit.output, metrics.audit_dropped.clone())?;
+    let snapshot = Snapshot::build(config, own.clone())?;
+    let telemetry = Arc::new(Telemetry {
+        audit,
+        metrics: metrics.clone(),
+        ids: IdGenerator::new(),
+    });
+    let interceptor = Interceptor::new(ca, metrics.certificates_issued.clone());
+    let ca_pem = interceptor.ca().cert_pem().into();
+    let state = Arc::new(State::new(
+        snapshot,
+        own,
+        interceptor,
+        telemetry,
+        max_connections,
+    ));
+    let admin = Admin {
+        metrics,
+        ca_pem,
+        draining: state.drain.clone(),
+    };
+    let reloader = Arc::new(Reloader::new(state.clone()));
+    tracing::info!(%proxy_addr, %admin_addr, "portcullis listening");
+
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(supervise(
+        state.clone(),
+        reloader.clone(),
+        Listeners {
+            proxy: proxy_listener,
+            admin: admin_listener,
+            admin_view: admin,
+        },
+        shutdown.clone(),
+        grace,
+    ));
+    Ok(ProxyHandle {
+        proxy_addr,
+        admin_addr,
+        state,
+        reloader,
+        shutdown,
+        task,
+    })
+}
+
+/// Runs until SIGTERM or SIGINT, then shuts down gracefully. SIGHUP reopens the audit output
+/// and reloads the configuration.
+pub async fn run(config: Config) -> Result<(), ServerError> {
+    let handle = start(config).await?;
+    let hangups = tokio::spawn(on_hangup(handle.reloader.clone()));
+    wait_for_stop_signal().await;
+    hangups.abort();
+    tracing::info!("shutdown requested: draining");
+    handle.shutdown();
+    handle.wait().await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+#[cfg(unix)]
+async fn on_hangup(reloader: Arc<Reloader>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: reload by editing the config file instead");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reopening the audit output and reloading");
+        let reloader = reloader.clone();
+        let _ = tokio::task::spawn_blocking(move || reloader.hangup()).await;
+    }
+}
+
+#[cfg(not(unix))]
+async fn on_hangup(_reloader: Arc<Reloader>) {}
+
+#[cfg(unix)]
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_stop_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// The bound listeners, and what the admin listener shows.
+struct Listeners {
+    proxy: TcpListener,
+    admin: TcpListener,
+    admin_view: Admin,
+}
+
+async fn supervise(
+    state: Arc<State>,
+    reloader: Arc<Reloader>,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    let Listeners {
+        proxy,
+        admin,
+        admin_view,
+    } = listeners;
+    let admin_task = tokio::spawn(admin::serve(admin_view, admin, state.hard_stop.clone()));
+    let watcher = tokio::spawn(reloader.watch());
+    tokio::select! {
+        () = listener::accept_loop(&state, &proxy) => {}
+        () = shutdown.cancelled() => {}
+    }
+    // Stop accepting (the listener closes), report not-ready, and ask every connection to
+    // finish its current request.
+    drop(proxy);
+    state.drain.cancel();
+    state.tasks.close();
+    let open = state.tasks.len();
+    if open > 0 {
+        tracing::info!(
+            open,
+            grace_seconds = grace.as_secs(),
+            "waiting for in-flight work"
+        );
+    }
+    if tokio::time::timeout(grace, state.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = state.tasks.len(),
+            "grace period over: closing remaining connections and tunnels"
+        );
+    }
+    state.hard_stop.cancel();
+    state.tasks.wait().await;
+    let _ = admin_task.await;
+    let _ = watcher.await;
+    // Every request and tunnel has ended: write out the last audit events.
+    let telemetry = state.telemetry.clone();
+    let _ = tokio::task::spawn_blocking(move || telemetry.audit.close()).await;
+}

@@ -1,0 +1,357 @@
+//! The one request pipeline. Every HTTP request the proxy relays — plain (`GET http://host/…` on
+//! the proxy listener) or from inside an intercepted tunnel — goes through [`handle`], top to
+//! bottom:
+//!
+//! 1. **one form**: the request is turned into an absolute URI naming its upstream
+//!    (`http://host:port/…` as sent, or `https://<CONNECT host>:<port>/…` for a tunnel's inner
+//!    request, which must name the CONNECT host: 421 otherwise);
+//! 2. **precheck**: TRACE/TRACK and loops are refused;
+//! 3. **policy**: host, port, method, path and client against the rules (report mode inside);
+//! 4. **credentials**: the rule's credential overwrites any client-sent header of its name — never
+//!    over plain http unless the rule allows it;
+//! 5. **upstream**: hop-by-hop headers out, `Via` in, sent on the pooled client for the scheme,
+//!    bodies streamed both ways; redirects are passed back, never followed.
+//!
+//! The audit record is filled along the way; [`super::outcome::respond`] finishes it. A feature
+//! that touches requests (minted credentials, signing, response scrubbing) plugs in here, once,
+//! and so applies to plain and intercepted requests alike.
+
+use std::borrow::Cow;
+use std::str::FromStr;
+
+use http::header::{self, HeaderMap};
+use http::request::Parts;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+
+use super::headers::{precheck, prepare_request_headers, prepare_response_headers};
+use super::outcome;
+use super::state::{ConnCtx, Snapshot};
+use super::upstream::{self, UpstreamAddr};
+use crate::audit::{Counted, Record};
+use crate::body::{self, Body};
+use crate::credentials::inject;
+use crate::error::ProxyError;
+use crate::identity::Identity;
+use crate::policy::{self, Denial, Host, RequestFacts, Rule};
+
+/// Where a request came from: the only thing the pipeline treats differently.
+#[derive(Debug, Clone, Copy)]
+pub enum Origin<'a> {
+    /// The proxy listener: an absolute-form `http://` request.
+    Listener,
+    /// Inside an intercepted tunnel to this CONNECT target.
+    Tunnel(&'a TunnelTarget),
+}
+
+/// The CONNECT target an intercepted tunnel serves.
+#[derive(Debug, Clone)]
+pub struct TunnelTarget {
+    /// CONNECT host.
+    pub host: Host,
+    /// CONNECT port.
+    pub port: u16,
+    /// `host:port` (IPv6 bracketed), the authority of every inner request's upstream URI.
+    authority: Authority,
+}
+
+impl TunnelTarget {
+    /// The target of `CONNECT host:port`.
+    pub fn new(host: Host, port: u16) -> Result<Self, ProxyError> {
+        let text = match host {
+            Host::Ip(std::net::IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
+            ref host => format!("{host}:{port}"),
+        };
+        let authority = Authority::from_str(&text)
+            .map_err(|_| ProxyError::BadRequest("invalid CONNECT authority".into()))?;
+        Ok(Self {
+            host,
+            port,
+            authority,
+        })
+    }
+
+    /// The inner request must name the CONNECT host: by its URI authority (h2 `:authority`,
+    /// absolute-form h1) and by its `Host` header, whichever it carries.
+    fn check_authority(&self, parts: &Parts) -> Result<(), ProxyError> {
+        if let Some(scheme) = parts.uri.scheme_str() {
+            if scheme != "https" {
+                return Err(ProxyError::BadRequest(format!(
+                    "{scheme}:// requests cannot be sent inside a TLS tunnel"
+                )));
+            }
+        }
+        let host_header = match parts.headers.get(header::HOST) {
+            Some(value) => Some(
+                value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| Authority::from_str(v).ok())
+                    .ok_or_else(|| ProxyError::BadRequest("invalid Host header".into()))?,
+            ),
+            None => None,
+        };
+        let named = parts.uri.authority().into_iter().chain(&host_header);
+        let mut any = false;
+        for authority in named {
+            any = true;
+            let same_host = Host::parse(authority.host()).as_ref() == Some(&self.host);
+            let same_port = authority.port_u16().is_none_or(|p| p == self.port);
+            if !(same_host && same_port) {
+                return Err(ProxyError::Misdirected {
+                    inner: authority.to_string(),
+                    tunnel: self.authority.to_string(),
+                });
+            }
+        }
+        if !any {
+            return Err(ProxyError::BadRequest("missing Host header".into()));
+        }
+        Ok(())
+    }
+
+    /// The absolute `https://host:port/…` form of an inner request's target.
+    fn absolute(&self, uri: &Uri) -> Result<Uri, ProxyError> {
+        let path_and_query = uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        Uri::builder()
+            .scheme(Scheme::HTTPS)
+            .authority(self.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|_| ProxyError::BadRequest("invalid request target".into()))
+    }
+}
+
+/// Where an admitted request goes and the rule that let it through (none when report mode let
+/// a denied request through).
+struct Admitted<'a, 's> {
+    host: Cow<'a, Host>,
+    rule: Option<&'s Rule>,
+}
+
+/// Runs one request through the pipeline, filling `record`. The caller hands the result to
+/// [`super::outcome::respond`].
+pub async fn handle(
+    conn: &ConnCtx,
+    snap: &Snapshot,
+    identity: &Identity,
+    origin: Origin<'_>,
+    req: Request<Incoming>,
+    record: &mut Record,
+) -> Result<Response<Body>, ProxyError> {
+    let (mut parts, incoming) = req.into_parts();
+    let admitted = match admit(conn, snap, identity, origin, &mut parts, record) {
+        Ok(admitted) => admitted,
+        Err(err) => {
+            body::discard(incoming).await;
+            return Err(err);
+        }
+    };
+    let Admitted { host, rule } = admitted;
+    prepare_request_headers(&mut parts.headers);
+    // The upstream client derives Host (HTTP/1.1) or :authority (h2) from the absolute URI, so
+    // what is sent is exactly what policy judged.
+    parts.headers.remove(header::HOST);
+    apply_credential(conn, snap, rule, &mut parts.headers, record);
+    record.request_headers(&parts.headers);
+    parts.version = http::Version::HTTP_11;
+    let counted = Counted::new(incoming, record.request_bytes.clone());
+    send(
+        snap,
+        Request::from_parts(parts, body::boxed(counted)),
+        &host,
+        record,
+    )
+    .await
+}
+
+/// Everything decided before any I/O: one form, precheck, policy, the plain-http guard.
+fn admit<'a, 's>(
+    conn: &ConnCtx,
+    snap: &'s Snapshot,
+    identity: &Identity,
+    origin: Origin<'a>,
+    parts: &mut Parts,
+    record: &mut Record,
+) -> Result<Admitted<'a, 's>, ProxyError> {
+    if let Origin::Tunnel(tunnel) = origin {
+        record.event.intercepted = true;
+        record.target(
+            Some("https"),
+            &tunnel.host.to_string(),
+            tunnel.port,
+            Some(&parts.uri),
+        );
+    }
+    precheck(&parts.method, &parts.headers)?;
+    let (host, port) = match origin {
+        Origin::Listener => {
+            let (host, port) = plain_target(&parts.uri)?;
+            (Cow::Owned(host), port)
+        }
+        Origin::Tunnel(tunnel) => {
+            tunnel.check_authority(parts)?;
+            parts.uri = tunnel.absolute(&parts.uri)?;
+            (Cow::Borrowed(&tunnel.host), tunnel.port)
+        }
+    };
+    let facts = RequestFacts {
+        host: &host,
+        port,
+        method: Some(&parts.method),
+        path: Some(parts.uri.path()),
+        client: &identity.name,
+    };
+    let verdict = policy::judge(&snap.config.rules, &facts, identity.mode);
+    let rule = outcome::admit(&conn.state.telemetry, record, verdict)?;
+    let plain_http = parts.uri.scheme() == Some(&Scheme::HTTP);
+    if let Some(rule) = rule {
+        if plain_http && rule.credential.is_some() && !rule.plaintext_credentials {
+            return Err(ProxyError::Denied(Denial::PlaintextCredential {
+                host: host.to_string(),
+            }));
+        }
+    }
+    Ok(Admitted { host, rule })
+}
+
+/// The host and port of an absolute-form `http://` target on the proxy listener.
+fn plain_target(uri: &Uri) -> Result<(Host, u16), ProxyError> {
+    let Some(authority) = uri.authority() else {
+        return Err(ProxyError::OriginForm);
+    };
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(ProxyError::BadRequest(
+                "https:// targets must be reached through CONNECT (set HTTPS_PROXY)".into(),
+            ))
+        }
+        _ => {
+            return Err(ProxyError::BadRequest(
+                "only http:// targets are forwarded".into(),
+            ))
+        }
+    }
+    let host = Host::parse(authority.host())
+        .ok_or_else(|| ProxyError::BadRequest(format!("invalid host {:?}", authority.host())))?;
+    Ok((host, authority.port_u16().unwrap_or(80)))
+}
+
+/// Injects the rule's credential (overwriting any client-sent header of that name), counts it
+/// and names it in the audit record.
+fn apply_credential(
+    conn: &ConnCtx,
+    snap: &Snapshot,
+    rule: Option<&Rule>,
+    headers: &mut HeaderMap,
+    record: &mut Record,
+) {
+    let Some(cred) = rule
+        .and_then(|r| r.credential.as_ref())
+        .and_then(|c| snap.config.credentials.get(c))
+    else {
+        return;
+    };
+    inject(headers, cred);
+    record.event.credential = Some(cred.name.clone());
+    conn.state
+        .telemetry
+        .metrics
+        .credential_injections
+        .with_label_values(&[&*cred.name])
+        .inc();
+}
+
+/// Sends `req` upstream; the response head must arrive within the idle timeout.
+async fn send(
+    snap: &Snapshot,
+    req: Request<Body>,
+    host: &Host,
+    record: &mut Record,
+) -> Result<Response<Body>, ProxyError> {
+    let timeout = snap.config.limits.idle_timeout;
+    let response = match tokio::time::timeout(timeout, snap.upstreams.request(req)).await {
+        Err(_) => {
+            return Err(ProxyError::Timeout {
+                host: host.to_string(),
+                stage: "response",
+            })
+        }
+        Ok(Err(err)) => return Err(upstream::failure(&host.to_string(), &err)),
+        Ok(Ok(response)) => response,
+    };
+    let (mut parts, incoming) = response.into_parts();
+    if let Some(UpstreamAddr(addr)) = parts.extensions.get::<UpstreamAddr>() {
+        record.event.upstream_addr = Some(*addr);
+    }
+    prepare_response_headers(&mut parts.headers);
+    Ok(Response::from_parts(parts, body::boxed(incoming)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_targets() {
+        assert!(matches!(
+            plain_target(&"/".parse().unwrap()),
+            Err(ProxyError::OriginForm)
+        ));
+        assert!(matches!(
+            plain_target(&"https://a.example/".parse().unwrap()),
+            Err(ProxyError::BadRequest(_))
+        ));
+        let (host, port) = plain_target(&"http://A.Example:8080/x".parse().unwrap()).unwrap();
+        assert_eq!(host, Host::Name("a.example".into()));
+        assert_eq!(port, 8080);
+        let (host, port) = plain_target(&"http://[::1]/".parse().unwrap()).unwrap();
+        assert_eq!(port, 80);
+        assert_eq!(host, Host::Ip("::1".parse().unwrap()));
+    }
+
+    fn inner(uri: &str, host: Option<&str>) -> Parts {
+        let mut req = Request::builder().uri(uri);
+        if let Some(h) = host {
+            req = req.header(header::HOST, h);
+        }
+        req.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn inner_requests_must_name_the_connect_host_and_become_absolute() {
+        let t = TunnelTarget::new(Host::parse("api.example").unwrap(), 8443).unwrap();
+        t.check_authority(&inner("/x?y=1", Some("API.example:8443")))
+            .unwrap();
+        t.check_authority(&inner("https://api.example:8443/x", None))
+            .unwrap();
+        assert!(matches!(
+            t.check_authority(&inner("/x", Some("other.example:8443"))),
+            Err(ProxyError::Misdirected { .. })
+        ));
+        assert!(matches!(
+            t.check_authority(&inner("/x", Some("api.example:443"))),
+            Err(ProxyError::Misdirected { .. })
+        ));
+        assert!(matches!(
+            t.check_authority(&inner("http://api.example:8443/x", None)),
+            Err(ProxyError::BadRequest(_))
+        ));
+        assert!(matches!(
+            t.check_authority(&inner("/x", None)),
+            Err(ProxyError::BadRequest(_))
+        ));
+        let uri = t.absolute(&"/x?y=1".parse().unwrap()).unwrap();
+        assert_eq!(uri, "https://api.example:8443/x?y=1");
+        let v6 = TunnelTarget::new(Host::parse("[::1]").unwrap(), 443).unwrap();
+        assert_eq!(
+            v6.absolute(&"/".parse().unwrap()).unwrap(),
+            "https://[::1]:443/"
+        );
+    }
+}

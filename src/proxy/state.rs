@@ -1,0 +1,177 @@
+//! What every connection shares: the configuration snapshot (swapped whole on reload, never
+//! rebuilt per request), the lifecycle signals (drain, hard stop, the tracker of in-flight work),
+//! the interception CA and telemetry; and what one client connection carries ([`ConnCtx`]).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::upstream::Upstreams;
+use crate::audit::{Masker, Telemetry};
+use crate::config::Config;
+use crate::identity::Clients;
+use crate::net::Dialer;
+use crate::tls::{self, Interceptor, TlsError};
+
+/// Everything built from one configuration: swapped whole on reload, never rebuilt per request.
+pub struct Snapshot {
+    /// The validated configuration.
+    pub config: Arc<Config>,
+    /// Resolver + destination safety + dialer.
+    pub dialer: Dialer,
+    /// Pooled upstream clients (plain http and TLS).
+    pub upstreams: Upstreams,
+    /// Audit masking for this configuration.
+    pub masker: Arc<Masker>,
+    /// Client identification for this configuration.
+    pub clients: Clients,
+}
+
+impl Snapshot {
+    /// Builds the runtime objects of `config`.
+    pub fn build(config: Config, own_listeners: Arc<[SocketAddr]>) -> Result<Self, TlsError> {
+        let dialer = Dialer::new(
+            config.network.clone(),
+            own_listeners,
+            config.limits.connect_timeout,
+        );
+        let upstream_tls = tls::upstream_client_config(&config.tls)?;
+        Ok(Self {
+            masker: Arc::new(Masker::new(&config)),
+            clients: Clients::new(&config),
+            upstreams: Upstreams::new(&dialer, upstream_tls),
+            dialer,
+            config: Arc::new(config),
+        })
+    }
+}
+
+/// Process-wide state shared by every connection.
+pub struct State {
+    snapshot: ArcSwap<Snapshot>,
+    /// The proxy's own bound listeners (never a destination).
+    pub own_listeners: Arc<[SocketAddr]>,
+    /// Connections, tunnels and their requests: awaited on shutdown.
+    pub tasks: TaskTracker,
+    /// Cancelled when shutdown begins: `/readyz` answers 503, new requests get 503, and
+    /// connections finish their current request, then close.
+    pub drain: CancellationToken,
+    /// Cancelled when the grace period is over: whatever still runs is cut.
+    pub hard_stop: CancellationToken,
+    /// The interception CA and its certificate cache (kept across reloads).
+    pub interceptor: Interceptor,
+    /// Audit events and metrics.
+    pub telemetry: Arc<Telemetry>,
+    connections: Arc<Semaphore>,
+}
+
+impl State {
+    /// State serving `snapshot`, admitting at most `max_connections` client connections.
+    pub fn new(
+        snapshot: Snapshot,
+        own_listeners: Arc<[SocketAddr]>,
+        interceptor: Interceptor,
+        telemetry: Arc<Telemetry>,
+        max_connections: usize,
+    ) -> Self {
+        Self {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            own_listeners,
+            tasks: TaskTracker::new(),
+            drain: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+            interceptor,
+            telemetry,
+            connections: Arc::new(Semaphore::new(max_connections)),
+        }
+    }
+
+    /// The current configuration snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Replaces the snapshot: requests that start from now on use `snapshot`.
+    pub fn swap(&self, snapshot: Snapshot) {
+        self.snapshot.store(Arc::new(snapshot));
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_draining(&self) -> bool {
+        self.drain.is_cancelled()
+    }
+
+    /// A connection slot, or `None` when `max_connections` are open.
+    pub(super) fn connection_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.connections.clone().try_acquire_owned().ok()
+    }
+
+    /// Runs a served connection to its end; once shutdown begins it finishes its current
+    /// request and closes (`graceful_shutdown` is hyper's method of the connection type at
+    /// hand), and when the grace period is over it is cut.
+    pub async fn drive<C, E>(
+        &self,
+        conn: C,
+        graceful_shutdown: impl FnOnce(Pin<&mut C>),
+    ) -> Result<(), E>
+    where
+        C: Future<Output = Result<(), E>>,
+    {
+        tokio::pin!(conn);
+        tokio::select! {
+            result = conn.as_mut() => result,
+            () = self.drain.cancelled() => {
+                graceful_shutdown(conn.as_mut());
+                tokio::select! {
+                    result = conn.as_mut() => result,
+                    () = self.hard_stop.cancelled() => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// What a request handler knows about its client connection.
+#[derive(Clone)]
+pub struct ConnCtx {
+    /// Shared state.
+    pub state: Arc<State>,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The connection's slot; a tunnel holds it for as long as it lives.
+    _slot: Arc<OwnedSemaphorePermit>,
+}
+
+impl ConnCtx {
+    /// The context of a connection from `peer` holding `slot`.
+    pub(super) fn new(state: Arc<State>, peer: SocketAddr, slot: OwnedSemaphorePermit) -> Self {
+        Self {
+            state,
+            peer,
+            _slot: Arc::new(slot),
+        }
+    }
+}
+
+/// Holds a gauge one higher for as long as it lives.
+pub struct Gauged(prometheus::IntGauge);
+
+impl Gauged {
+    /// Increments `gauge` until dropped.
+    pub fn new(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Gauged {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

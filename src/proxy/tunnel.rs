@@ -1,0 +1,238 @@
+//! Raw tunnels: bytes relayed both ways between the client and the upstream socket the CONNECT
+//! dialled, until both sides close, an error, or the idle timeout.
+//!
+//! The client's first bytes are inspected: a TLS ClientHello whose SNI names another host than
+//! the CONNECT target closes the tunnel (`sni_mismatch`), so an allowed name cannot be used as a
+//! front for another destination.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::policy::{normalize_host, Host};
+
+/// How a tunnel ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelEnd {
+    /// Both sides closed.
+    Closed,
+    /// Nothing moved for `idle_timeout`.
+    Idle,
+    /// The ClientHello named another host.
+    SniMismatch,
+    /// The first bytes looked like TLS but were not a valid ClientHello, or never completed.
+    BadClientHello,
+    /// A socket error.
+    Error,
+    /// Cut when the shutdown grace period ended.
+    Shutdown,
+}
+
+impl TunnelEnd {
+    /// Name for logs and audit events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Idle => "idle_timeout",
+            Self::SniMismatch => "sni_mismatch",
+            Self::BadClientHello => "bad_client_hello",
+            Self::Error => "error",
+            Self::Shutdown => "cut at shutdown",
+        }
+    }
+}
+
+/// A relay buffer starts at this size (interactive traffic: small reads) …
+const RELAY_BUFFER_BYTES: usize = 16 * 1024;
+/// … and doubles up to this one while reads keep filling it (bulk transfers: fewer syscalls).
+const RELAY_BUFFER_MAX_BYTES: usize = 256 * 1024;
+const MAX_CLIENT_HELLO_BYTES: usize = 64 * 1024;
+/// The first read from the client: enough for most ClientHellos, on the task's own state, so an
+/// idle tunnel holds no heap buffer.
+const FIRST_READ_BYTES: usize = 2048;
+
+/// Relays bytes both ways until both sides close (a side's EOF is passed on as a write shutdown),
+/// an error, or `idle` passes with no byte in either direction. (The caller counts the bytes, on
+/// the client side, so that the counts survive the relay being cut.)
+/// The client's first bytes are inspected for a ClientHello naming another host than `host`;
+/// once they start, the whole ClientHello must arrive within `hello_timeout`.
+///
+/// Relay buffers are allocated on first traffic, so an idle tunnel costs little memory.
+pub async fn relay<C>(
+    client: C,
+    upstream: TcpStream,
+    host: &Host,
+    idle: Duration,
+    hello_timeout: Duration,
+) -> TunnelEnd
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let start = Instant::now();
+    let last_activity = AtomicU64::new(0);
+    let (mut client_read, mut client_write) = tokio::io::split(client);
+    let (mut upstream_read, mut upstream_write) = upstream.into_split();
+
+    let up = async {
+        let first = inspect_first_bytes(&mut client_read, host, hello_timeout).await?;
+        if first.is_empty() {
+            let _ = upstream_write.shutdown().await;
+            return Ok(());
+        }
+        upstream_write
+            .write_all(&first)
+            .await
+            .map_err(|_| TunnelEnd::Error)?;
+        drop(first);
+        touch(&last_activity, start);
+        pump(&mut client_read, &mut upstream_write, &last_activity, start).await
+    };
+    let down = async {
+        // Wait for the upstream to have something before allocating a buffer.
+        upstream_read
+            .readable()
+            .await
+            .map_err(|_| TunnelEnd::Error)?;
+        pump(&mut upstream_read, &mut client_write, &last_activity, start).await
+    };
+    let idle_watch = async {
+        loop {
+            let last = Duration::from_millis(last_activity.load(Ordering::Relaxed));
+            let deadline = start + last + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    };
+    tokio::select! {
+        result = async { tokio::try_join!(up, down) } => match result {
+            Ok(_) => TunnelEnd::Closed,
+            Err(end) => end,
+        },
+        () = idle_watch => TunnelEnd::Idle,
+    }
+}
+
+fn touch(last: &AtomicU64, start: Instant) {
+    let ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+    last.store(ms, Ordering::Relaxed);
+}
+
+async fn pump<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    last: &AtomicU64,
+    start: Instant,
+) -> Result<(), TunnelEnd>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; RELAY_BUFFER_BYTES];
+    loop {
+        let n = reader.read(&mut buf).await.map_err(|_| TunnelEnd::Error)?;
+        if n == 0 {
+            // Pass the EOF on; the other direction keeps flowing until its side closes too.
+            let _ = writer.shutdown().await;
+            return Ok(());
+        }
+        writer
+            .write_all(&buf[..n])
+            .await
+            .map_err(|_| TunnelEnd::Error)?;
+        touch(last, start);
+        if n == buf.len() && buf.len() < RELAY_BUFFER_MAX_BYTES {
+            buf.resize(buf.len() * 2, 0);
+        }
+    }
+}
+
+/// Reads the client's first bytes (however long that takes: the idle timeout governs). Not TLS:
+/// returned as they are. TLS: the rest of the ClientHello must follow within `hello_timeout`,
+/// then its SNI is compared with the CONNECT host. Returns the bytes to forward (empty on EOF).
+async fn inspect_first_bytes<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    host: &Host,
+    hello_timeout: Duration,
+) -> Result<BytesMut, TunnelEnd> {
+    let mut first = [0u8; FIRST_READ_BYTES];
+    let n = reader
+        .read(&mut first)
+        .await
+        .map_err(|_| TunnelEnd::Error)?;
+    let mut buf = BytesMut::from(&first[..n]);
+    if n == 0 || first[0] != 0x16 {
+        return Ok(buf);
+    }
+    match tokio::time::timeout(hello_timeout, complete_client_hello(reader, &mut buf, host)).await {
+        Ok(Ok(())) => Ok(buf),
+        Ok(Err(end)) => Err(end),
+        Err(_) => Err(TunnelEnd::BadClientHello),
+    }
+}
+
+async fn complete_client_hello<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    host: &Host,
+) -> Result<(), TunnelEnd> {
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut fed = 0;
+    loop {
+        let mut unread = &buf[fed..];
+        while !unread.is_empty() {
+            let taken = acceptor
+                .read_tls(&mut unread)
+                .map_err(|_| TunnelEnd::BadClientHello)?;
+            if taken == 0 {
+                break;
+            }
+        }
+        fed = buf.len();
+        match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                let sni = accepted.client_hello().server_name().map(str::to_owned);
+                return match sni {
+                    Some(name) if !sni_matches(&name, host) => Err(TunnelEnd::SniMismatch),
+                    _ => Ok(()),
+                };
+            }
+            Ok(None) => {}
+            Err(_) => return Err(TunnelEnd::BadClientHello),
+        }
+        if buf.len() >= MAX_CLIENT_HELLO_BYTES {
+            return Err(TunnelEnd::BadClientHello);
+        }
+        let n = reader.read_buf(buf).await.map_err(|_| TunnelEnd::Error)?;
+        if n == 0 {
+            return Err(TunnelEnd::BadClientHello);
+        }
+    }
+}
+
+/// Whether a ClientHello's SNI names the CONNECT host.
+pub fn sni_matches(sni: &str, host: &Host) -> bool {
+    match (normalize_host(sni), host) {
+        (Some(sni), Host::Name(name)) => &sni == name,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sni_comparison_normalises() {
+        let h = Host::parse("api.example.com").unwrap();
+        assert!(sni_matches("API.example.com.", &h));
+        assert!(!sni_matches("evil.example.com", &h));
+        let ip = Host::parse("192.0.2.1").unwrap();
+        assert!(!sni_matches("api.example.com", &ip));
+    }
+}
