@@ -19,13 +19,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::audit::{Kind, Record};
 use crate::body::{self, Body};
 use crate::error::ProxyError;
 use crate::forward::precheck;
 use crate::intercept;
 use crate::policy::{normalize_host, Host, RequestFacts};
 use crate::server::{ConnCtx, Gauged, Snapshot};
+use crate::telemetry::{Kind, Record};
 
 /// What the CONNECT opened before answering 200.
 enum Opened {

@@ -8,12 +8,12 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, Uri};
 use hyper::body::Incoming;
 
-use crate::audit::{Counted, Record};
 use crate::body::{self, Body};
 use crate::credentials::inject;
 use crate::error::ProxyError;
 use crate::policy::{self, Denial, Host, RequestFacts, Rule};
 use crate::server::{ConnCtx, Snapshot};
+use crate::telemetry::{Counted, Record};
 use crate::upstream::{dial_error, tls_error, UpstreamAddr};
 
 /// Our `Via` received-by token. A request already carrying it has looped back to us.

@@ -20,13 +20,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ServerConfig;
 use tokio_rustls::TlsAcceptor;
 
-use crate::audit::{Counted, Kind, Record};
 use crate::body::{self, Body};
 use crate::error::ProxyError;
 use crate::forward::{apply_credential, precheck, prepare_request_headers, send};
 use crate::keepalive::{ConnTimer, CountingIo, IoCounter};
 use crate::policy::{self, Host, RequestFacts, Rule};
 use crate::server::{drive, ConnCtx, Snapshot};
+use crate::telemetry::{Counted, Kind, Record};
 
 /// The CONNECT target an intercepted tunnel serves.
 #[derive(Debug, Clone)]

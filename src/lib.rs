@@ -8,7 +8,6 @@
 //! health endpoints. `main.rs` only parses the command line and calls [`cli`].
 
 pub mod admin;
-pub mod audit;
 pub mod body;
 pub mod cli;
 pub mod config;
@@ -20,11 +19,11 @@ pub mod identity;
 pub mod intercept;
 pub mod keepalive;
 pub mod logging;
-pub mod metrics;
 pub mod net;
 pub mod pipeline_env;
 pub mod policy;
 pub mod reload;
 pub mod server;
+pub mod telemetry;
 pub mod tls;
 pub mod upstream;

@@ -27,15 +27,16 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::audit::{AuditError, AuditSink, IdGenerator, Kind, Masker, Record, Telemetry};
 use crate::body::Body;
 use crate::config::Config;
 use crate::error::{raw_refusal, ProxyError};
 use crate::identity::{AuthFailure, Clients, Identity, UNAUTHENTICATED};
 use crate::keepalive::{ConnTimer, CountingIo, IoCounter};
-use crate::metrics::Metrics;
 use crate::net::Dialer;
 use crate::policy::{self, Mode, RequestFacts, Rule};
+use crate::telemetry::{
+    AuditError, AuditSink, IdGenerator, Kind, Masker, Metrics, Record, Telemetry,
+};
 use crate::tls::{self, CertificateAuthority, Interceptor, TlsError};
 use crate::upstream::{self, HttpClient, HttpsClient};
 use crate::{admin, connect, forward, reload};
