@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::{self, Body};
-use crate::metrics::Metrics;
+use crate::telemetry::Metrics;
 
 /// What the admin listener serves.
 pub struct Admin {

@@ -279,7 +279,7 @@ fn assert_exported(expr: &str, where_: &str) -> usize {
     let names = metric_names(expr);
     for name in &names {
         assert!(
-            portcullis::metrics::EXPORTED.contains(&name.as_str())
+            portcullis::telemetry::EXPORTED.contains(&name.as_str())
                 || PROCESS_METRICS.contains(&name.as_str()),
             "{where_}: metric {name} is not exported (expr: {expr})"
         );
@@ -615,7 +615,7 @@ fn dashboard_is_valid_and_uses_exported_metrics() {
         assert_exported(definition, "dashboard variable");
     }
     // The dashboard covers every family the proxy exports.
-    for name in portcullis::metrics::EXPORTED {
+    for name in portcullis::telemetry::EXPORTED {
         assert!(used.contains(name), "the dashboard does not show {name}");
     }
 }

@@ -20,11 +20,11 @@ use super::outcome;
 use super::request::TunnelTarget;
 use super::state::{ConnCtx, Gauged, Snapshot};
 use super::tunnel::{self, TunnelEnd};
-use crate::audit::Record;
 use crate::body::{self, Body};
 use crate::error::ProxyError;
 use crate::identity::Identity;
 use crate::policy::{self, Host, RequestFacts};
+use crate::telemetry::Record;
 
 /// What the CONNECT opened before answering 200.
 pub enum Opened {

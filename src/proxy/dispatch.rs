@@ -21,10 +21,10 @@ use super::connect;
 use super::outcome;
 use super::request::{self, Origin};
 use super::state::{ConnCtx, Snapshot};
-use crate::audit::{Kind, Record};
 use crate::body::Body;
 use crate::error::ProxyError;
 use crate::identity::Identity;
+use crate::telemetry::{Kind, Record};
 
 /// Serves one request from the proxy listener.
 pub async fn serve(conn: &ConnCtx, mut req: Request<Incoming>) -> Response<Body> {

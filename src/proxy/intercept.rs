@@ -22,9 +22,9 @@ use super::keepalive::{ConnTimer, CountingIo, IoCounter};
 use super::outcome;
 use super::request::{self, Origin, TunnelTarget};
 use super::state::ConnCtx;
-use crate::audit::{Kind, Record};
 use crate::body::Body;
 use crate::identity::Identity;
+use crate::telemetry::{Kind, Record};
 
 /// What every request inside one intercepted tunnel shares.
 struct Tunnel {

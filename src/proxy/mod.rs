@@ -35,9 +35,8 @@ pub use reload::{ReloadError, Reloader};
 pub use state::{Snapshot, State};
 
 use crate::admin::{self, Admin};
-use crate::audit::{AuditError, AuditSink, IdGenerator, Telemetry};
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::telemetry::{AuditError, AuditSink, IdGenerator, Metrics, Telemetry};
 use crate::tls::{CertificateAuthority, Interceptor, TlsError};
 
 /// Starting the proxy failed.

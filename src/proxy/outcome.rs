@@ -10,10 +10,10 @@ use std::sync::Arc;
 
 use http::Response;
 
-use crate::audit::{Record, Telemetry};
 use crate::body::Body;
 use crate::error::ProxyError;
 use crate::policy::{Rule, Verdict};
+use crate::telemetry::{Record, Telemetry};
 
 /// Finishes a request's (or refused CONNECT's) record with `result` and returns what the client
 /// gets.

@@ -29,12 +29,12 @@ use super::headers::{precheck, prepare_request_headers, prepare_response_headers
 use super::outcome;
 use super::state::{ConnCtx, Snapshot};
 use super::upstream::{self, UpstreamAddr};
-use crate::audit::{Counted, Record};
 use crate::body::{self, Body};
 use crate::credentials::inject;
 use crate::error::ProxyError;
 use crate::identity::Identity;
 use crate::policy::{self, Denial, Host, RequestFacts, Rule};
+use crate::telemetry::{Counted, Record};
 
 /// Where a request came from: the only thing the pipeline treats differently.
 #[derive(Debug, Clone, Copy)]

@@ -13,10 +13,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::upstream::Upstreams;
-use crate::audit::{Masker, Telemetry};
 use crate::config::Config;
 use crate::identity::Clients;
 use crate::net::Dialer;
+use crate::telemetry::{Masker, Telemetry};
 use crate::tls::{self, Interceptor, TlsError};
 
 /// Everything built from one configuration: swapped whole on reload, never rebuilt per request.

@@ -1,0 +1,347 @@
+//! Masking (spec §7): which header values and query parameters an audit event hides by name, and
+//! the resolved secret values scrubbed from every serialized line.
+//!
+//! A [`Masker`] is built once per configuration snapshot, so everything costly (the name sets,
+//! the secret automaton) is paid at load time; using it only reads.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+
+use aho_corasick::{AhoCorasick, MatchKind};
+use http::HeaderMap;
+use percent_encoding::percent_decode_str;
+use serde::Serialize;
+use zeroize::Zeroizing;
+
+use crate::config::Config;
+
+/// The mask token.
+pub const HIDDEN: &str = "<HIDDEN>";
+
+/// Header names always masked (spec §7).
+pub const MASKED_HEADERS: [&str; 8] = [
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "x-api-key",
+    "x-auth-token",
+    "private-token",
+    "x-amz-security-token",
+];
+
+/// Query parameters always masked (spec §7).
+pub const MASKED_QUERY_PARAMS: [&str; 13] = [
+    "token",
+    "access_token",
+    "api_key",
+    "apikey",
+    "key",
+    "secret",
+    "password",
+    "sig",
+    "signature",
+    "x-amz-signature",
+    "x-amz-credential",
+    "client_secret",
+    "code",
+];
+
+/// Masks header values, query parameters and secret values (one per snapshot).
+pub struct Masker {
+    headers: HashSet<String>,
+    query_params: HashSet<String>,
+    secrets: Secrets,
+    log_headers: bool,
+}
+
+/// How secret values are found in a line.
+enum Secrets {
+    /// One automaton over every secret, leftmost-longest, so that a secret containing another is
+    /// replaced whole and the line is scanned once.
+    Automaton(AhoCorasick),
+    /// The secrets one at a time, longest first. Only when the automaton could not be built (it
+    /// has size limits no sane configuration reaches): a secret must never be written unmasked.
+    OneByOne(Vec<Zeroizing<String>>),
+}
+
+impl Secrets {
+    fn len(&self) -> usize {
+        match self {
+            Self::Automaton(automaton) => automaton.patterns_len(),
+            Self::OneByOne(secrets) => secrets.len(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Masker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Masker")
+            .field("headers", &self.headers)
+            .field("query_params", &self.query_params)
+            .field("secrets", &self.secrets.len())
+            .finish()
+    }
+}
+
+impl Masker {
+    /// Built-in lists, the configured additions, every credential's header name, and every
+    /// resolved secret (with the full header values built from them, e.g. a Basic pair's base64).
+    pub fn new(config: &Config) -> Self {
+        let mut headers: HashSet<String> = MASKED_HEADERS.iter().map(|s| (*s).to_owned()).collect();
+        headers.extend(config.audit.mask_headers.iter().cloned());
+        let mut secrets = Vec::new();
+        for cred in config.credentials.values() {
+            headers.insert(cred.header.as_str().to_owned());
+            secrets.push(Zeroizing::new(cred.secret.expose().to_owned()));
+            if let Ok(full) = cred.value.to_str() {
+                secrets.push(Zeroizing::new(full.to_owned()));
+                if let Some((_, encoded)) = full.split_once(' ') {
+                    secrets.push(Zeroizing::new(encoded.to_owned()));
+                }
+            }
+        }
+        for client in &config.clients {
+            if let Some(token) = &client.token {
+                secrets.push(Zeroizing::new(token.expose().to_owned()));
+            }
+        }
+        let mut query_params: HashSet<String> = MASKED_QUERY_PARAMS
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        query_params.extend(config.audit.mask_query_params.iter().cloned());
+        Self {
+            headers,
+            query_params,
+            secrets: Self::secrets(secrets),
+            log_headers: config.audit.log_headers,
+        }
+    }
+
+    fn secrets(mut secrets: Vec<Zeroizing<String>>) -> Secrets {
+        // An empty pattern would match between every two characters.
+        secrets.retain(|s| !s.is_empty());
+        // Longest first: the order the one-by-one fallback needs (the automaton does not care).
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        secrets.dedup();
+        let built = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(secrets.iter().map(|s| s.as_bytes()));
+        match built {
+            Ok(automaton) => Secrets::Automaton(automaton),
+            Err(e) => {
+                tracing::error!(error = %e, "secret masking falls back to one secret at a time");
+                Secrets::OneByOne(secrets)
+            }
+        }
+    }
+
+    /// Whether request and response headers are written (`audit.log_headers`).
+    pub fn log_headers(&self) -> bool {
+        self.log_headers
+    }
+
+    /// `map` as a JSON object of header names to values, masked values replaced by [`HIDDEN`] and
+    /// repeated headers joined with `, `.
+    pub fn headers<'a>(&'a self, map: &'a HeaderMap) -> MaskedHeaders<'a> {
+        MaskedHeaders { map, masker: self }
+    }
+
+    /// A query string with the values of masked parameters replaced (names compared
+    /// case-insensitively, after percent-decoding).
+    pub fn query(&self, query: &str) -> String {
+        query
+            .split('&')
+            .map(|pair| {
+                let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+                if !value.is_empty() && self.query_params.contains(&decode_name(name)) {
+                    format!("{name}={HIDDEN}")
+                } else {
+                    pair.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("&")
+    }
+
+    /// Replaces every resolved secret value anywhere in `line`, in one pass; allocates only when
+    /// something matched.
+    pub fn scrub(&self, line: &mut String) {
+        match &self.secrets {
+            Secrets::Automaton(automaton) => {
+                let mut matches = automaton.find_iter(line.as_str()).peekable();
+                if matches.peek().is_none() {
+                    return;
+                }
+                let mut scrubbed = String::with_capacity(line.len());
+                let mut copied = 0;
+                // Slicing cannot fail: every pattern is whole UTF-8, so a match in a `str` starts
+                // and ends on character boundaries.
+                for found in matches {
+                    scrubbed.push_str(&line[copied..found.start()]);
+                    scrubbed.push_str(HIDDEN);
+                    copied = found.end();
+                }
+                scrubbed.push_str(&line[copied..]);
+                *line = scrubbed;
+            }
+            Secrets::OneByOne(secrets) => {
+                for secret in secrets {
+                    if line.contains(secret.as_str()) {
+                        *line = line.replace(secret.as_str(), HIDDEN);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A query parameter name as compared with the masked list: `+` is a space (form encoding),
+/// percent escapes decoded (invalid UTF-8 replaced), lowercased.
+fn decode_name(name: &str) -> String {
+    // `+` first: a `%2B` must still decode to a literal `+`.
+    let spaced = if name.contains('+') {
+        Cow::Owned(name.replace('+', " "))
+    } else {
+        Cow::Borrowed(name)
+    };
+    percent_decode_str(&spaced)
+        .decode_utf8_lossy()
+        .to_ascii_lowercase()
+}
+
+/// A header map that serializes with masked values ([`Masker::headers`]).
+pub struct MaskedHeaders<'a> {
+    map: &'a HeaderMap,
+    masker: &'a Masker,
+}
+
+impl Serialize for MaskedHeaders<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut out = serializer.serialize_map(Some(self.map.keys_len()))?;
+        for name in self.map.keys() {
+            let hidden = self.masker.headers.contains(name.as_str());
+            let mut values = self.map.get_all(name).iter();
+            let shown = if hidden {
+                Cow::Borrowed(HIDDEN)
+            } else if self.map.get_all(name).iter().count() == 1 {
+                values
+                    .next()
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()))
+                    .unwrap_or_default()
+            } else {
+                let joined: Vec<String> = values
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                    .collect();
+                Cow::Owned(joined.join(", "))
+            };
+            out.serialize_entry(name.as_str(), &shown)?;
+        }
+        out.end()
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use crate::config::{parse, Origin};
+
+    /// A masker with configured additions and two credentials (shared with the event tests).
+    pub(crate) fn masker(extra: &str) -> Masker {
+        let text = format!(
+            "[audit]\nmask_headers = [\"X-Internal\"]\nmask_query_params = [\"Session\"]\n[credentials.api]\nheader = {{ name = \"X-Custom-Auth\", value = {{ value = \"s3cr3t-value\" }} }}\n[credentials.nexus]\nbasic = {{ username = \"svc\", password = {{ value = \"pw-9\" }} }}\n{extra}"
+        );
+        let config = parse(&text, Origin::Embedded, std::path::Path::new("."), false).unwrap();
+        Masker::new(&config)
+    }
+
+    fn shown(masker: &Masker, map: &HeaderMap) -> serde_json::Value {
+        serde_json::to_value(masker.headers(map)).unwrap()
+    }
+
+    #[test]
+    fn headers_are_masked_by_name_case_insensitively_including_repeats() {
+        let m = masker("");
+        let mut h = HeaderMap::new();
+        h.append("authorization", "Bearer abc".parse().unwrap());
+        h.append("Cookie", "a=1".parse().unwrap());
+        h.append("cookie", "b=2".parse().unwrap());
+        h.append("x-internal", "1".parse().unwrap());
+        h.append("x-custom-auth", "s3cr3t-value".parse().unwrap());
+        h.append("accept", "text/html".parse().unwrap());
+        h.append("accept", "application/json".parse().unwrap());
+        let shown = shown(&m, &h);
+        assert_eq!(shown["authorization"], HIDDEN);
+        assert_eq!(shown["cookie"], HIDDEN);
+        assert_eq!(shown["x-internal"], HIDDEN);
+        assert_eq!(
+            shown["x-custom-auth"], HIDDEN,
+            "a credential's header name is masked"
+        );
+        assert_eq!(shown["accept"], "text/html, application/json");
+    }
+
+    #[test]
+    fn query_parameters_are_masked_by_name() {
+        let m = masker("");
+        assert_eq!(
+            m.query("per_page=100&token=abc&Access_Token=x&session=s&%6Bey=v&keep=1&code"),
+            "per_page=100&token=<HIDDEN>&Access_Token=<HIDDEN>&session=<HIDDEN>&%6Bey=<HIDDEN>&keep=1&code"
+        );
+    }
+
+    #[test]
+    fn query_parameter_names_decode_plus_escapes_and_invalid_utf8() {
+        assert_eq!(decode_name("a+b"), "a b");
+        assert_eq!(decode_name("a%2Bb"), "a+b", "an escaped plus stays a plus");
+        assert_eq!(decode_name("API%5fKEY"), "api_key");
+        assert_eq!(
+            decode_name("%ff%zz%4"),
+            "\u{fffd}%zz%4",
+            "lossy, bad escapes kept"
+        );
+        let config = parse(
+            "[audit]\nmask_query_params = [\"My Param\"]\n",
+            Origin::Embedded,
+            std::path::Path::new("."),
+            false,
+        )
+        .unwrap();
+        let m = Masker::new(&config);
+        assert_eq!(
+            m.query("my+param=1&my%20param=2&my%2Bparam=3&a%5Fkey=4&api%5Fkey=5"),
+            "my+param=<HIDDEN>&my%20param=<HIDDEN>&my%2Bparam=3&a%5Fkey=4&api%5Fkey=<HIDDEN>"
+        );
+    }
+
+    #[test]
+    fn secrets_are_scrubbed_anywhere() {
+        let m = masker("");
+        let mut line =
+            "{\"path\":\"/x/s3cr3t-value/y\",\"error\":\"pw-9 and c3ZjOnB3LTk=\"}".to_owned();
+        m.scrub(&mut line);
+        assert_eq!(
+            line,
+            "{\"path\":\"/x/<HIDDEN>/y\",\"error\":\"<HIDDEN> and <HIDDEN>\"}"
+        );
+    }
+
+    #[test]
+    fn a_secret_containing_another_is_scrubbed_whole_and_clean_lines_kept() {
+        let m = masker("[[clients]]\nname = \"ci\"\ntoken = { value = \"s3cr3t-value-longer\" }\n");
+        let mut line = "/s3cr3t-value-longer/s3cr3t-value/s3cr3t-valu".to_owned();
+        m.scrub(&mut line);
+        assert_eq!(line, "/<HIDDEN>/<HIDDEN>/s3cr3t-valu");
+        let mut clean = "nothing secret here: <HIDDEN>".to_owned();
+        let before = clean.as_ptr();
+        m.scrub(&mut clean);
+        assert_eq!(clean, "nothing secret here: <HIDDEN>");
+        assert_eq!(
+            clean.as_ptr(),
+            before,
+            "a line without secrets is not reallocated"
+        );
+    }
+}

@@ -1,0 +1,316 @@
+//! A request's or tunnel's record ([`Record`]), filled along its path, and how it is finished:
+//! counted in the metrics and handed to the audit sink when the response body ends
+//! ([`Telemetry::finish_response`], the [`Observed`] body) or the tunnel closes.
+//! [`Counted`] counts request body bytes on the way up.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderMap, Response};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+
+use crate::body::{self, Body, BoxError};
+use crate::error::ProxyError;
+use crate::telemetry::event::{Decision, Event, Kind};
+use crate::telemetry::mask::Masker;
+use crate::telemetry::Telemetry;
+
+/// An event being filled along a request's or tunnel's path.
+#[derive(Debug)]
+pub struct Record {
+    /// The event so far.
+    pub event: Event,
+    started: Instant,
+    /// Request body bytes sent upstream (a counting body adds to it).
+    pub request_bytes: Arc<AtomicU64>,
+    /// The metric label of the rule (`none` until one matches).
+    pub rule_label: Arc<str>,
+    masker: Arc<Masker>,
+}
+
+impl Record {
+    /// A new record of `kind` for a client at `peer`.
+    pub fn new(
+        telemetry: &Telemetry,
+        masker: Arc<Masker>,
+        kind: Kind,
+        client: &Arc<str>,
+        peer: SocketAddr,
+        method: &http::Method,
+    ) -> Self {
+        Self {
+            event: Event {
+                ts: time::OffsetDateTime::now_utc(),
+                id: telemetry.ids.next(),
+                kind,
+                client: client.clone(),
+                peer,
+                method: method.clone(),
+                scheme: None,
+                host: String::new(),
+                port: 0,
+                uri: None,
+                decision: Decision::Allow,
+                reason: None,
+                rule: None,
+                credential: None,
+                intercepted: false,
+                status: None,
+                bytes_sent: 0,
+                bytes_received: 0,
+                duration_ms: 0.0,
+                upstream_addr: None,
+                request_headers: None,
+                response_headers: None,
+                error: None,
+            },
+            started: Instant::now(),
+            request_bytes: Arc::new(AtomicU64::new(0)),
+            rule_label: Arc::from("none"),
+            masker,
+        }
+    }
+
+    /// Records the destination.
+    pub fn target(
+        &mut self,
+        scheme: Option<&'static str>,
+        host: &str,
+        port: u16,
+        uri: Option<&http::Uri>,
+    ) {
+        self.event.scheme = scheme;
+        self.event.host = host.to_owned();
+        self.event.port = port;
+        self.event.uri = uri.cloned();
+    }
+
+    /// Records the rule that allowed the request.
+    pub fn rule(&mut self, rule: &crate::policy::Rule) {
+        self.event.rule = Some(rule.name.clone());
+        self.rule_label = rule.name.clone();
+    }
+
+    /// Records the request headers as sent upstream (masked when written).
+    pub fn request_headers(&mut self, headers: &HeaderMap) {
+        if self.masker.log_headers() {
+            self.event.request_headers = Some(headers.clone());
+        }
+    }
+
+    /// Records a refusal or failure. Policy refusals are `deny` with a `reason`; failures after
+    /// the decision keep `allow` and fill `error`.
+    pub fn fail(&mut self, telemetry: &Telemetry, err: &ProxyError) {
+        let class = err.class();
+        if class.denial {
+            self.event.decision = Decision::Deny;
+            self.event.reason = Some(err.to_string());
+            telemetry
+                .metrics
+                .denials
+                .with_label_values(&[class.reason])
+                .inc();
+        } else {
+            self.event.error = Some(err.to_string());
+            if let Some(kind) = class.upstream {
+                telemetry
+                    .metrics
+                    .upstream_errors
+                    .with_label_values(&[kind])
+                    .inc();
+            }
+        }
+    }
+
+    /// Records a policy denial let through by report mode.
+    pub fn would_deny(&mut self, telemetry: &Telemetry, reason: String, code: &'static str) {
+        self.event.decision = Decision::WouldDeny;
+        self.event.reason = Some(reason);
+        telemetry.metrics.denials.with_label_values(&[code]).inc();
+    }
+
+    fn close(mut self, telemetry: &Telemetry, bytes_received: u64) {
+        self.event.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        self.event.bytes_sent = self.request_bytes.load(Ordering::Relaxed);
+        self.event.bytes_received = bytes_received;
+        let (e, m) = (&self.event, &telemetry.metrics);
+        match e.kind {
+            Kind::Request => {
+                // No status means the response never came: counted as the 502 it became.
+                let code = e
+                    .status
+                    .and_then(|s| http::StatusCode::from_u16(s).ok())
+                    .unwrap_or(http::StatusCode::BAD_GATEWAY);
+                m.observe_request(
+                    &e.client,
+                    &self.rule_label,
+                    e.decision,
+                    &e.method,
+                    code,
+                    e.duration_ms / 1000.0,
+                );
+            }
+            Kind::Tunnel => m.observe_tunnel(
+                &e.client,
+                &self.rule_label,
+                e.decision,
+                e.bytes_sent,
+                e.bytes_received,
+            ),
+        }
+        telemetry.audit.emit(self.event, &self.masker);
+    }
+
+    /// Ends a tunnel record with its byte counts and how it ended.
+    pub fn finish_tunnel(
+        mut self,
+        telemetry: &Telemetry,
+        up: u64,
+        down: u64,
+        error: Option<String>,
+    ) {
+        self.request_bytes.store(up, Ordering::Relaxed);
+        if self.event.error.is_none() {
+            self.event.error = error;
+        }
+        self.close(telemetry, down);
+    }
+}
+
+impl Telemetry {
+    /// Attaches `record` to `response`: the event is written when the response body ends (or is
+    /// dropped, if the client goes away), with the bytes that went through.
+    pub fn finish_response(
+        self: &Arc<Self>,
+        mut record: Record,
+        response: Response<Body>,
+    ) -> Response<Body> {
+        record.event.status = Some(response.status().as_u16());
+        if record.event.kind == Kind::Request && record.masker.log_headers() {
+            record.event.response_headers = Some(response.headers().clone());
+        }
+        let (parts, inner) = response.into_parts();
+        let body = Observed {
+            inner,
+            bytes: 0,
+            pending: Some((record, self.clone())),
+        };
+        Response::from_parts(parts, body::boxed(body))
+    }
+}
+
+/// A response body that finishes its record when it ends.
+struct Observed {
+    inner: Body,
+    bytes: u64,
+    pending: Option<(Record, Arc<Telemetry>)>,
+}
+
+impl Observed {
+    fn finish(&mut self, error: Option<String>) {
+        if let Some((mut record, telemetry)) = self.pending.take() {
+            if let Some(e) = error {
+                record.event.error.get_or_insert(e);
+                telemetry
+                    .metrics
+                    .upstream_errors
+                    .with_label_values(&["reset"])
+                    .inc();
+            }
+            record.close(&telemetry, self.bytes);
+        }
+    }
+}
+
+impl HttpBody for Observed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes += data.len() as u64;
+                }
+                if self.inner.is_end_stream() {
+                    self.finish(None);
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let message = format!("response body: {e}");
+                self.finish(Some(message));
+            }
+            Poll::Ready(None) => self.finish(None),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        let incomplete = !self.inner.is_end_stream();
+        self.finish(
+            incomplete.then(|| "the client went away before the response ended".to_owned()),
+        );
+    }
+}
+
+/// A request body that counts the bytes it yields into `counter`.
+pub struct Counted<B> {
+    inner: B,
+    counter: Arc<AtomicU64>,
+}
+
+impl<B> Counted<B> {
+    /// Wraps `inner`.
+    pub fn new(inner: B, counter: Arc<AtomicU64>) -> Self {
+        Self { inner, counter }
+    }
+}
+
+impl<B> HttpBody for Counted<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,218 @@
+//! The audit output (spec §7): a bounded queue and the writer thread that serializes, scrubs and
+//! writes one JSON line per event.
+//!
+//! Writing happens off the request path: when the queue is full the event is dropped, counted in
+//! `portcullis_audit_events_dropped_total` and reported in the log — traffic never stalls on a
+//! slow disk.
+
+use std::fs::OpenOptions;
+use std::io::{BufWriter, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::config::AuditOutput;
+use crate::telemetry::event::{Event, EventLine};
+use crate::telemetry::mask::Masker;
+
+/// Events the queue holds before dropping.
+const QUEUE_EVENTS: usize = 65_536;
+
+enum Message {
+    Event(Box<Event>, Arc<Masker>),
+    Reopen(AuditOutput),
+    Shutdown,
+}
+
+/// Opening the audit output failed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open audit output {path}: {reason}")]
+pub struct AuditError {
+    path: String,
+    reason: String,
+}
+
+/// The audit queue and its writer thread.
+pub struct AuditSink {
+    tx: SyncSender<Message>,
+    dropped: prometheus::IntCounter,
+    last_drop_warning: AtomicU64,
+    started: Instant,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for AuditSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditSink").finish_non_exhaustive()
+    }
+}
+
+type Output = BufWriter<Box<dyn Write + Send>>;
+
+fn open(output: &AuditOutput) -> Result<Output, AuditError> {
+    let sink: Box<dyn Write + Send> = match output {
+        AuditOutput::Stdout => Box::new(std::io::stdout()),
+        AuditOutput::Stderr => Box::new(std::io::stderr()),
+        AuditOutput::File(path) => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            Box::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| AuditError {
+                        path: path.display().to_string(),
+                        reason: e.to_string(),
+                    })?,
+            )
+        }
+    };
+    Ok(BufWriter::with_capacity(64 * 1024, sink))
+}
+
+impl AuditSink {
+    /// Opens `output` and starts the writer thread.
+    pub fn start(
+        output: &AuditOutput,
+        dropped: prometheus::IntCounter,
+    ) -> Result<Self, AuditError> {
+        let out = open(output)?;
+        let (tx, rx) = sync_channel(QUEUE_EVENTS);
+        let writer = std::thread::Builder::new()
+            .name("portcullis-audit".into())
+            .spawn(move || write_loop(out, rx))
+            .map_err(|e| AuditError {
+                path: "audit writer thread".into(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            tx,
+            dropped,
+            last_drop_warning: AtomicU64::new(0),
+            started: Instant::now(),
+            writer: Mutex::new(Some(writer)),
+        })
+    }
+
+    /// Queues an event; never blocks. A full queue drops it, counts it and says so in the log
+    /// (at most once every ten seconds).
+    pub fn emit(&self, event: Event, masker: &Arc<Masker>) {
+        match self
+            .tx
+            .try_send(Message::Event(Box::new(event), masker.clone()))
+        {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.dropped.inc();
+                let now = self.started.elapsed().as_secs();
+                let last = self.last_drop_warning.load(Ordering::Relaxed);
+                if now >= last + 10
+                    && self
+                        .last_drop_warning
+                        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    tracing::warn!(
+                        dropped_total = self.dropped.get(),
+                        "audit queue full: events are being dropped (see portcullis_audit_events_dropped_total)"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Reopens the output (after log rotation, or a changed `audit.output`).
+    pub fn reopen(&self, output: AuditOutput) {
+        // Blocking send: a reopen must not be lost, and it is not on a request path.
+        let _ = self.tx.send(Message::Reopen(output));
+    }
+
+    /// Writes what is queued, flushes and stops the writer.
+    pub fn close(&self) {
+        let _ = self.tx.send(Message::Shutdown);
+        let handle = self.writer.lock().ok().and_then(|mut w| w.take());
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// While events keep coming, the writer naps this long between batches instead of blocking on
+/// the queue: a blocked receiver must be woken (a futex call and a context switch) for every
+/// event, which at tens of thousands of events a second costs more than writing them.
+const BATCH_NAP: std::time::Duration = std::time::Duration::from_millis(5);
+
+fn write_loop(mut out: Output, rx: Receiver<Message>) {
+    let mut failing = false;
+    let mut line = String::with_capacity(1024);
+    let mut busy = false;
+    loop {
+        let first = if busy {
+            std::thread::sleep(BATCH_NAP);
+            rx.try_recv()
+                .map_err(|e| e == std::sync::mpsc::TryRecvError::Disconnected)
+        } else {
+            rx.recv().map_err(|_| true)
+        };
+        let first = match first {
+            Ok(message) => message,
+            Err(true) => break,
+            Err(false) => {
+                busy = false;
+                continue;
+            }
+        };
+        busy = true;
+        let mut next = Some(first);
+        // Take whatever else is queued, then flush once.
+        while let Some(message) = next {
+            match message {
+                Message::Event(event, masker) => {
+                    // One buffer for every line: serialize, scrub, write.
+                    let mut bytes = std::mem::take(&mut line).into_bytes();
+                    bytes.clear();
+                    let result = serde_json::to_writer(
+                        &mut bytes,
+                        &EventLine {
+                            event: &event,
+                            masker: &masker,
+                        },
+                    )
+                    .map_err(std::io::Error::other)
+                    .and_then(|()| String::from_utf8(bytes).map_err(std::io::Error::other))
+                    .and_then(|text| {
+                        line = text;
+                        masker.scrub(&mut line);
+                        line.push('\n');
+                        out.write_all(line.as_bytes())
+                    });
+                    match result {
+                        Err(e) if !failing => {
+                            failing = true;
+                            tracing::error!(error = %e, "cannot write audit event");
+                        }
+                        Ok(()) => failing = false,
+                        Err(_) => {}
+                    }
+                }
+                Message::Reopen(output) => {
+                    let _ = out.flush();
+                    match open(&output) {
+                        Ok(new) => out = new,
+                        Err(e) => tracing::error!(error = %e, "audit output not reopened"),
+                    }
+                }
+                Message::Shutdown => {
+                    let _ = out.flush();
+                    return;
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        let _ = out.flush();
+    }
+    let _ = out.flush();
+}
