@@ -1,13 +1,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! The deployment files under `deploy/` stay consistent with the product: every YAML file parses,
 //! the Kubernetes objects have what a sidecar and a gateway need, the configs they embed (and
-//! `config/example.toml`) pass `portcullis check`, and the alert rules and the Grafana dashboard
-//! use only metrics the proxy exports. Nothing here needs a network, a cluster or Docker.
+//! `config/example.toml`, and the config the Dockerfile builds) pass `portcullis check`, and the
+//! alert rules and the Grafana dashboard use only metrics the proxy exports. Nothing here needs a
+//! network, a cluster or Docker.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use portcullis::config::{self, Origin, RawConfig};
 use yaml_rust2::{Yaml, YamlLoader};
 
 const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
@@ -99,13 +101,28 @@ fn toml_value<'a>(toml: &'a str, key: &str) -> Option<&'a str> {
     })
 }
 
-fn shutdown_grace_seconds(toml: &str) -> i64 {
-    toml_value(toml, "shutdown_grace_seconds").map_or(30, |v| v.parse().unwrap())
+/// The built-in defaults, read through the library: the one place they are written down.
+fn builtin() -> RawConfig {
+    RawConfig::default()
 }
 
+/// `limits.shutdown_grace_seconds` of a config text, else the built-in default.
+fn shutdown_grace_seconds(toml: &str) -> i64 {
+    toml_value(toml, "shutdown_grace_seconds").map_or_else(
+        || i64::try_from(builtin().limits.shutdown_grace_seconds).unwrap(),
+        |v| v.parse().unwrap(),
+    )
+}
+
+/// The port of `listen.admin` in a config text, else of the built-in default.
 fn admin_port(toml: &str) -> i64 {
-    let addr = toml_value(toml, "admin").map_or("127.0.0.1:9090", |v| v.trim_matches('"'));
-    addr.rsplit(':').next().unwrap().parse().unwrap()
+    toml_value(toml, "admin").map_or_else(
+        || i64::from(builtin().listen.admin.port()),
+        |v| {
+            let addr = v.trim_matches('"');
+            addr.rsplit(':').next().unwrap().parse().unwrap()
+        },
+    )
 }
 
 /// The quoted values of `name = "..."` anywhere in `text` (e.g. the `file` and `env` fields of
@@ -673,15 +690,111 @@ fn dockerfile_is_multi_stage_non_root_and_ships_the_default_config() {
         .iter()
         .any(|l| instruction(l, "ENTRYPOINT") && l.contains("/usr/local/bin/portcullis")));
 
-    // The Dockerfile rewrites the `ca_cert = ` and `ca_key = ` lines of config/default.toml.
-    let default = read(&repo().join("config/default.toml"));
-    for key in ["ca_cert = ", "ca_key = "] {
-        assert_eq!(
-            default.lines().filter(|l| l.starts_with(key)).count(),
-            1,
-            "config/default.toml has one `{key}` line for the Dockerfile to rewrite"
+    // The image's config: the files the builder concatenates into /out/config.toml (the
+    // embedded default first), which the build itself then checks.
+    let instructions = dockerfile_instructions(&text);
+    let build = instructions
+        .iter()
+        .find(|i| i.starts_with("RUN ") && i.contains("> /out/config.toml"))
+        .expect("a RUN writes /out/config.toml");
+    let step = build
+        .split("&&")
+        .map(str::trim)
+        .find(|s| s.ends_with("> /out/config.toml"))
+        .unwrap();
+    let inputs: Vec<&str> = step
+        .strip_prefix("RUN ")
+        .unwrap_or(step)
+        .trim_end_matches("> /out/config.toml")
+        .split_whitespace()
+        .collect();
+    assert_eq!(inputs.first(), Some(&"cat"), "{step}");
+    assert_eq!(
+        inputs.get(1),
+        Some(&"config/default.toml"),
+        "the image's config starts from the embedded default: {step}"
+    );
+    assert!(
+        build.contains("portcullis check -c /out/config.toml"),
+        "the build checks the image's config: {build}"
+    );
+    let image_config: String = inputs[1..].iter().map(|f| read(&repo().join(f))).collect();
+
+    // Its CA paths point into the writable state directory the image declares as a VOLUME (the
+    // config's own folder, /etc/portcullis, is read-only).
+    let volume = instructions
+        .iter()
+        .find_map(|i| i.strip_prefix("VOLUME "))
+        .expect("a VOLUME for the state directory")
+        .trim_matches(|c| matches!(c, '[' | ']' | '"' | ' '))
+        .to_owned();
+    let parsed = config::parse(
+        &image_config,
+        Origin::File("/etc/portcullis/config.toml".into()),
+        Path::new("/etc/portcullis"),
+        false,
+    )
+    .unwrap_or_else(|e| panic!("the image's config: {e}"));
+    for (key, path) in [
+        ("tls.ca_cert", &parsed.tls.ca_cert),
+        ("tls.ca_key", &parsed.tls.ca_key),
+    ] {
+        assert!(
+            path.starts_with(&volume),
+            "{key} {} not in {volume}",
+            path.display()
         );
     }
+
+    // It passes `check` with the environment the image sets (as `docker run IMAGE check` would).
+    let env = dockerfile_env(&instructions);
+    assert!(
+        env.iter()
+            .any(|(name, _)| name == "PORTCULLIS_LISTEN__PROXY"),
+        "the image binds the proxy beyond loopback: {env:?}"
+    );
+    // Environment variables override every mounted config, so the image must leave the CA to
+    // the config file (the Kubernetes manifests mount a shared CA and point their config at it).
+    assert!(
+        !env.iter()
+            .any(|(name, _)| name.starts_with("PORTCULLIS_TLS__")),
+        "the image's environment would override the CA of mounted configs: {env:?}"
+    );
+    check_config("the image's config", &image_config, &env);
+}
+
+/// The instructions of a Dockerfile: comments dropped, continuation lines (`\`) joined.
+fn dockerfile_instructions(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('#') || (line.is_empty() && current.is_empty()) {
+            continue;
+        }
+        match line.strip_suffix('\\') {
+            Some(part) => {
+                current.push_str(part.trim_end());
+                current.push(' ');
+            }
+            None => {
+                current.push_str(line);
+                out.push(std::mem::take(&mut current));
+            }
+        }
+    }
+    out
+}
+
+/// The configuration variables (`PORTCULLIS_<SECTION>__<KEY>`) the Dockerfile's `ENV` sets.
+fn dockerfile_env(instructions: &[String]) -> Vec<(String, String)> {
+    instructions
+        .iter()
+        .filter_map(|i| i.strip_prefix("ENV "))
+        .flat_map(str::split_whitespace)
+        .filter_map(|pair| pair.split_once('='))
+        .filter(|(name, _)| name.starts_with(config::ENV_PREFIX) && name.contains("__"))
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .collect()
 }
 
 #[test]
@@ -712,7 +825,9 @@ fn systemd_unit_reloads_drains_and_is_hardened() {
         .trim_end_matches('s')
         .parse()
         .unwrap();
-    let grace = shutdown_grace_seconds(&read(&repo().join("config/default.toml")));
+    // The unit runs an operator's config: its drain deadline is the built-in default unless that
+    // config sets another.
+    let grace = i64::try_from(builtin().limits.shutdown_grace_seconds).unwrap();
     assert!(
         stop > grace,
         "TimeoutStopSec {stop} <= shutdown_grace_seconds {grace}"

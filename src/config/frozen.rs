@@ -1,0 +1,143 @@
+//! The validated, immutable configuration snapshot ([`Config`]) and its parts, as the rest of the
+//! crate uses them: units applied, paths resolved, secrets read, host rules compiled.
+//!
+//! Only [`super::validate`] builds these; nothing mutates them afterwards. A reload builds a new
+//! [`Config`] and swaps the shared `Arc`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::config::raw::UpstreamRoots;
+use crate::credentials::{Credentials, Secret};
+use crate::net::NetworkPolicy;
+use crate::policy::{Mode, Rule};
+
+/// Where a configuration came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// `config/default.toml`, compiled in.
+    Embedded,
+    /// A file on disk.
+    File(PathBuf),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Embedded => f.write_str("<embedded default config>"),
+            Self::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// Listener addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listen {
+    /// Proxy listener.
+    pub proxy: SocketAddr,
+    /// Admin listener.
+    pub admin: SocketAddr,
+}
+
+/// Limits, with units applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections beyond this get 503.
+    pub max_connections: usize,
+    /// Request-head deadline.
+    pub header_read_timeout: Duration,
+    /// Resolution + connect deadline.
+    pub connect_timeout: Duration,
+    /// Idle keep-alive / tunnel deadline.
+    pub idle_timeout: Duration,
+    /// Shutdown grace period.
+    pub shutdown_grace: Duration,
+    /// Largest request head.
+    pub max_header_bytes: usize,
+}
+
+/// TLS settings with paths resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// CA certificate path.
+    pub ca_cert: PathBuf,
+    /// CA key path.
+    pub ca_key: PathBuf,
+    /// Upstream roots.
+    pub upstream_roots: UpstreamRoots,
+    /// Extra upstream CA files.
+    pub extra_upstream_ca: Vec<PathBuf>,
+}
+
+/// Where audit events go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditOutput {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+    /// Appended to a file (reopened on SIGHUP).
+    File(PathBuf),
+}
+
+/// Audit settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditSettings {
+    /// Destination.
+    pub output: AuditOutput,
+    /// Record headers.
+    pub log_headers: bool,
+    /// Extra header names to mask (lower case).
+    pub mask_headers: Vec<String>,
+    /// Extra query parameters to mask (lower case).
+    pub mask_query_params: Vec<String>,
+}
+
+/// A pipeline identity.
+#[derive(Debug, Clone)]
+pub struct Client {
+    /// Name.
+    pub name: String,
+    /// Token, if identified by token.
+    pub token: Option<Secret>,
+    /// Source networks.
+    pub networks: Vec<IpNet>,
+    /// Mode override.
+    pub mode: Option<Mode>,
+}
+
+/// A validated, immutable configuration snapshot.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it came from.
+    pub origin: Origin,
+    /// Folder relative paths were resolved against.
+    pub base_dir: PathBuf,
+    /// Listeners.
+    pub listen: Listen,
+    /// Limits.
+    pub limits: Limits,
+    /// TLS.
+    pub tls: TlsSettings,
+    /// Destination safety.
+    pub network: Arc<NetworkPolicy>,
+    /// Default mode.
+    pub mode: Mode,
+    /// Audit.
+    pub audit: AuditSettings,
+    /// Resolved credentials.
+    pub credentials: Credentials,
+    /// Host rules in file order.
+    pub rules: Vec<Rule>,
+    /// Clients (empty: everyone is `anonymous`).
+    pub clients: Vec<Client>,
+    /// Secret files to watch for rotation.
+    pub secret_files: Vec<PathBuf>,
+    /// Non-fatal findings (`check` prints them, `run` logs them).
+    pub warnings: Vec<String>,
+}

@@ -1,0 +1,38 @@
+//! Validation of `[credentials.*]`: every secret source resolved into a [`Credential`], literal
+//! secrets warned about, secret files noted for rotation watching.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::config::error::Problems;
+use crate::credentials::{Credential, CredentialSpec, Credentials, SecretSource};
+
+/// `[credentials.*]`: every secret is resolved now, so a missing one fails at load, not at the
+/// first request that needs it.
+pub(super) fn credentials(
+    specs: &BTreeMap<String, CredentialSpec>,
+    base: &Path,
+    p: &mut Problems,
+    warnings: &mut Vec<String>,
+    secret_files: &mut Vec<PathBuf>,
+) -> Credentials {
+    let mut credentials = Credentials::new();
+    for (name, spec) in specs {
+        let (source, sub) = spec.source();
+        if let SecretSource::Value(_) = source {
+            warnings.push(format!(
+                "credentials.{name}.{sub}: a literal `value` secret is meant for tests; use env or file"
+            ));
+        }
+        if let Some(file) = source.file() {
+            secret_files.push(base.join(file));
+        }
+        match Credential::build(name, spec, base) {
+            Ok(c) => {
+                credentials.insert(name.clone(), c);
+            }
+            Err(e) => p.add(format!("credentials.{name}.{sub}"), e.to_string()),
+        }
+    }
+    credentials
+}

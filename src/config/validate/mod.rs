@@ -1,0 +1,138 @@
+//! Validation: turns a [`RawConfig`] into a frozen [`Config`], or lists every problem in it.
+//!
+//! One function per section, one file each (`listen`, `network`, `credentials`, `clients`,
+//! `hosts`, `audit`), each recording what is wrong in the shared [`Problems`] list rather than
+//! stopping at the first mistake, so `check` shows an operator everything at once. This file runs
+//! them in order (sections that refer to others, like host rules naming credentials and clients,
+//! after those) and assembles the [`Config`]. Secrets are resolved here: a config whose secrets
+//! cannot be read is invalid.
+
+mod audit;
+mod clients;
+mod credentials;
+mod hosts;
+mod listen;
+mod network;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::config::error::Problems;
+use crate::config::frozen::{Config, Origin, TlsSettings};
+use crate::config::raw::{RawConfig, RawTls};
+use crate::config::validate::audit::audit;
+use crate::config::validate::clients::clients;
+use crate::config::validate::credentials::credentials;
+use crate::config::validate::hosts::hosts;
+use crate::config::validate::listen::listen_and_limits;
+use crate::config::validate::network::network;
+use crate::config::ConfigErrors;
+
+/// Validates every section of `raw`; relative paths are resolved against `base`.
+pub(super) fn validate(
+    raw: RawConfig,
+    origin: Origin,
+    base: &Path,
+) -> Result<Config, ConfigErrors> {
+    let mut p = Problems::new(&origin);
+    let mut warnings = Vec::new();
+    let mut secret_files = Vec::new();
+
+    let (listen, limits) = listen_and_limits(&raw.listen, &raw.limits, &mut p);
+    let network = network(&raw.network, &mut p);
+    let credentials = credentials(
+        &raw.credentials,
+        base,
+        &mut p,
+        &mut warnings,
+        &mut secret_files,
+    );
+    let (clients, client_names) =
+        clients(&raw.clients, base, &mut p, &mut warnings, &mut secret_files);
+    let rules = hosts(
+        &raw.hosts,
+        &raw.credentials,
+        &client_names,
+        &mut p,
+        &mut warnings,
+    );
+    let audit = audit(&raw.audit, base, &mut p);
+    p.into_result()?;
+
+    Ok(Config {
+        origin,
+        base_dir: base.to_path_buf(),
+        listen,
+        limits,
+        tls: tls(&raw.tls, base),
+        network: Arc::new(network),
+        mode: raw.policy.mode,
+        audit,
+        credentials,
+        rules,
+        clients,
+        secret_files,
+        warnings,
+    })
+}
+
+/// `[tls]`: nothing to reject here (whether the files load is checked by `crate::tls` when it
+/// builds its configs); paths resolved.
+fn tls(t: &RawTls, base: &Path) -> TlsSettings {
+    TlsSettings {
+        ca_cert: base.join(&t.ca_cert),
+        ca_key: base.join(&t.ca_key),
+        upstream_roots: t.upstream_roots,
+        extra_upstream_ca: t.extra_upstream_ca.iter().map(|f| base.join(f)).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use crate::config::tests::parse_str;
+    use crate::config::AuditOutput;
+
+    #[test]
+    fn semantic_errors_are_all_reported() {
+        let text = r#"
+[credentials.gh]
+bearer = { env = "PORTCULLIS_TEST_UNSET_VAR_1" }
+[[hosts]]
+host = "ok.example"
+[[hosts]]
+host = "a*.example.com"
+[[hosts]]
+host = "x.example"
+credential = "missing"
+methods = ["GET", "BAD METHOD"]
+paths = ["nope"]
+ports = []
+"#;
+        let err = parse_str(text).unwrap_err();
+        let keys: Vec<_> = err.0.iter().filter_map(|e| e.key.clone()).collect();
+        for want in [
+            "credentials.gh.bearer",
+            "hosts[1].host",
+            "hosts[2].credential",
+            "hosts[2].methods[1]",
+            "hosts[2].paths[0]",
+            "hosts[2].ports",
+        ] {
+            assert!(keys.iter().any(|k| k == want), "missing {want} in {err}");
+        }
+        assert!(err.to_string().contains("PORTCULLIS_TEST_UNSET_VAR_1"));
+    }
+
+    #[test]
+    fn relative_paths_follow_the_config_folder() {
+        let c =
+            parse_str("[tls]\nca_cert = \"ca.pem\"\n[audit]\noutput = \"audit.log\"\n").unwrap();
+        assert_eq!(c.tls.ca_cert, PathBuf::from("/etc/portcullis/ca.pem"));
+        assert_eq!(
+            c.audit.output,
+            AuditOutput::File("/etc/portcullis/audit.log".into())
+        );
+    }
+}
