@@ -1,86 +1,24 @@
-//! TLS: the interception CA (load, or generate on first start; `ca init`), leaf certificates
-//! minted per CONNECT host and cached (one mint per host however many clients race for it), and
-//! the client configuration that verifies real upstream servers.
-//!
-//! Leaves are ECDSA P-256 with a random 128-bit serial, `not_before` an hour in the past (clock
-//! skew), a DNS or IP SAN, and are sent with the CA certificate as a full chain.
+//! The interception certificate authority: generated (ECDSA P-256, ten years, path length 0)
+//! or loaded from PEM, written with the key at mode 0600, and minting leaves: ECDSA P-256 with a
+//! random 128-bit serial, `not_before` an hour in the past (clock skew), a DNS or IP SAN, sent
+//! with the CA certificate as a full chain.
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration as StdDuration, Instant};
+use std::path::Path;
+use std::time::Duration as StdDuration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
-use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use time::{Duration, OffsetDateTime};
 
-use crate::config::{TlsSettings, UpstreamRoots};
 use crate::policy::Host;
 
-/// TLS setup failed. Names files, never key material.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    /// Reading or writing a file failed.
-    #[error("{path}: {reason}")]
-    File {
-        /// The file.
-        path: PathBuf,
-        /// What went wrong.
-        reason: String,
-    },
-    /// Only one of the CA certificate and key exists.
-    #[error("CA certificate {cert} and key {key}: one exists without the other; restore both, or remove both to generate a new CA")]
-    HalfCa {
-        /// Certificate path.
-        cert: PathBuf,
-        /// Key path.
-        key: PathBuf,
-    },
-    /// `ca init` would overwrite.
-    #[error("{0} exists; pass --force to overwrite it")]
-    Exists(PathBuf),
-    /// The CA or a leaf could not be built or parsed.
-    #[error("certificate error: {0}")]
-    Certificate(String),
-    /// A rustls configuration could not be built.
-    #[error("TLS configuration error: {0}")]
-    Config(String),
-}
-
-fn file_err(path: &Path, e: impl std::fmt::Display) -> TlsError {
-    TlsError::File {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    }
-}
-
-fn cert_err(e: impl std::fmt::Display) -> TlsError {
-    TlsError::Certificate(e.to_string())
-}
-
-/// The crypto provider every TLS configuration uses.
-pub fn provider() -> Arc<CryptoProvider> {
-    let mut provider = rustls::crypto::ring::default_provider();
-    // AES-128-GCM first, within each protocol version: as strong as this use needs, and its
-    // SHA-256 runs on the CPU's SHA extensions where SHA-384 runs in software. Measured: a
-    // handshake-bound load spent ~9% of the proxy's CPU in SHA-512 with AES-256-GCM-SHA384
-    // first (docs/benchmarks.md).
-    provider.cipher_suites.sort_by_key(|suite| {
-        let name = format!("{:?}", suite.suite());
-        (
-            suite.version().version != rustls::ProtocolVersion::TLSv1_3,
-            !name.contains("AES_128_GCM"),
-        )
-    });
-    Arc::new(provider)
-}
+use super::{cert_err, file_err, TlsError};
 
 /// A random positive 128-bit serial number.
 fn random_serial() -> Result<SerialNumber, TlsError> {
@@ -211,7 +149,7 @@ impl CertificateAuthority {
 
 const LEAF_VALIDITY_DAYS: i64 = 30;
 /// Cached leaves are re-minted well before they expire.
-const LEAF_REFRESH: StdDuration = StdDuration::from_secs(7 * 24 * 3600);
+pub(super) const LEAF_REFRESH: StdDuration = StdDuration::from_secs(7 * 24 * 3600);
 
 /// Writes a new CA: the key with mode 0600, created exclusively unless `force`.
 pub fn write_ca(new: &NewCa, cert: &Path, key: &Path) -> Result<(), TlsError> {
@@ -256,150 +194,16 @@ pub fn init_ca(cert: &Path, key: &Path, force: bool) -> Result<(), TlsError> {
     write_ca(&CertificateAuthority::generate()?, cert, key)
 }
 
-#[derive(Clone)]
-struct CachedLeaf {
-    config: Arc<ServerConfig>,
-    minted: Instant,
-}
-
-/// Terminates client TLS for intercepted CONNECTs: the CA plus a cache of per-host server
-/// configurations (each built once, never per connection).
-pub struct Interceptor {
-    ca: CertificateAuthority,
-    cache: quick_cache::sync::Cache<Host, CachedLeaf>,
-    issued: prometheus::IntCounter,
-    provider: Arc<CryptoProvider>,
-}
-
-impl std::fmt::Debug for Interceptor {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Interceptor")
-            .field("issued", &self.issued())
-            .finish_non_exhaustive()
-    }
-}
-
-/// How many hosts' leaves are kept.
-const CERT_CACHE_HOSTS: usize = 10_000;
-
-impl Interceptor {
-    /// An interceptor minting from `ca`, counting mints in `issued`.
-    pub fn new(ca: CertificateAuthority, issued: prometheus::IntCounter) -> Self {
-        Self {
-            ca,
-            cache: quick_cache::sync::Cache::new(CERT_CACHE_HOSTS),
-            issued,
-            provider: provider(),
-        }
-    }
-
-    /// The CA.
-    pub fn ca(&self) -> &CertificateAuthority {
-        &self.ca
-    }
-
-    /// Leaves minted so far.
-    pub fn issued(&self) -> u64 {
-        self.issued.get()
-    }
-
-    /// The server configuration for `host`, minting its leaf on first use. Concurrent first
-    /// requests for one host wait for a single mint.
-    pub async fn server_config(&self, host: &Host) -> Result<Arc<ServerConfig>, TlsError> {
-        if let Some(cached) = self.cache.get(host) {
-            if cached.minted.elapsed() < LEAF_REFRESH {
-                return Ok(cached.config);
-            }
-            self.cache.remove(host);
-        }
-        let leaf = self
-            .cache
-            .get_or_insert_async(host, async {
-                let (chain, key) = self.ca.mint(host)?;
-                let mut config = ServerConfig::builder_with_provider(self.provider.clone())
-                    .with_safe_default_protocol_versions()
-                    .map_err(|e| TlsError::Config(e.to_string()))?
-                    .with_no_client_auth()
-                    .with_single_cert(chain, key)
-                    .map_err(|e| TlsError::Config(e.to_string()))?;
-                config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-                // Our cipher-suite order (see `provider`), not the client's.
-                config.ignore_client_order = true;
-                self.issued.inc();
-                tracing::debug!(%host, "minted interception certificate");
-                Ok::<_, TlsError>(CachedLeaf {
-                    config: Arc::new(config),
-                    minted: Instant::now(),
-                })
-            })
-            .await?;
-        Ok(leaf.config)
-    }
-}
-
-/// The operating system's root certificates as PEM (for `ca show --bundle`).
-pub fn system_roots_pem() -> Result<String, TlsError> {
-    use base64::Engine;
-    let found = rustls_native_certs::load_native_certs();
-    if found.certs.is_empty() {
-        return Err(TlsError::Config("no system root certificates found".into()));
-    }
-    let mut out = String::new();
-    for cert in found.certs {
-        let b64 = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
-        out.push_str("-----BEGIN CERTIFICATE-----\n");
-        for line in b64.as_bytes().chunks(64) {
-            out.push_str(&String::from_utf8_lossy(line));
-            out.push('\n');
-        }
-        out.push_str("-----END CERTIFICATE-----\n");
-    }
-    Ok(out)
-}
-
-/// The client configuration for upstream TLS: `tls.upstream_roots` plus `extra_upstream_ca`.
-pub fn upstream_client_config(settings: &TlsSettings) -> Result<ClientConfig, TlsError> {
-    let mut roots = RootCertStore::empty();
-    match settings.upstream_roots {
-        UpstreamRoots::Webpki => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-        UpstreamRoots::System => {
-            let found = rustls_native_certs::load_native_certs();
-            for err in &found.errors {
-                tracing::warn!(error = %err, "while loading system roots");
-            }
-            let (added, _) = roots.add_parsable_certificates(found.certs);
-            if added == 0 {
-                return Err(TlsError::Config(
-                    "tls.upstream_roots = \"system\" but no system root certificate was found"
-                        .into(),
-                ));
-            }
-        }
-    }
-    for path in &settings.extra_upstream_ca {
-        let pem = std::fs::read(path).map_err(|e| file_err(path, e))?;
-        let mut count = 0;
-        for cert in CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert.map_err(|e| file_err(path, e))?;
-            roots.add(cert).map_err(|e| file_err(path, e))?;
-            count += 1;
-        }
-        if count == 0 {
-            return Err(file_err(path, "no PEM certificate found"));
-        }
-    }
-    Ok(ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    use std::sync::Arc;
+
     use rustls::client::danger::ServerCertVerifier;
+    use rustls::RootCertStore;
+
+    use crate::tls::provider;
 
     #[test]
     fn minted_leaves_chain_to_the_ca_with_unique_serials() {
@@ -444,20 +248,6 @@ mod tests {
         assert!(
             now - not_before >= 3500,
             "not_before is in the past for clock skew"
-        );
-    }
-
-    #[test]
-    fn aes_128_gcm_is_preferred() {
-        let suites: Vec<String> = provider()
-            .cipher_suites
-            .iter()
-            .map(|s| format!("{:?}", s.suite()))
-            .collect();
-        assert_eq!(suites[0], "TLS13_AES_128_GCM_SHA256", "{suites:?}");
-        assert!(
-            suites[1].starts_with("TLS13_"),
-            "TLS 1.3 suites stay first: {suites:?}"
         );
     }
 
