@@ -5,6 +5,7 @@
   report.py table RESULTS ROUNDS DURATION CONNS   print the Markdown report (medians, ratios)
 """
 import json
+import os
 import statistics
 import sys
 from collections import defaultdict
@@ -39,6 +40,12 @@ def oha(path, scenario, contender, results):
             if lp.get(key) is not None:
                 out.write(f"{scenario}\t{contender}\t{key} ms\t{lp[key] * 1000:.3f}\n")
         out.write(f"{scenario}\t{contender}\tfailed\t{(total - ok) + errors}\n")
+        # CPU time of the proxy process per request (CPU_TICKS from /proc/PID/stat): noise on a
+        # shared machine moves it far less than it moves a rate.
+        ticks = os.environ.get("CPU_TICKS", "")
+        if ticks and total:
+            hz = float(os.environ.get("CLK_TCK") or 100)
+            out.write(f"{scenario}\t{contender}\tCPU µs/req\t{int(ticks) / hz * 1e6 / total:.2f}\n")
 
 
 def table(results, rounds, duration, conns):
@@ -87,6 +94,13 @@ def table(results, rounds, duration, conns):
                     ratio = mine / theirs
                     verdict = "met" if ratio >= want else "NOT met"
                     print(f"- portcullis / {ref} ({metric}): **{ratio:.2f}×** (target ≥ {want}×: {verdict})")
+            print()
+        for metric in ("req/s", "CPU µs/req"):
+            mine = med.get((scenario, "portcullis", metric))
+            base = med.get((scenario, "portcullis (baseline)", metric))
+            if mine and base:
+                print(f"- portcullis / portcullis (baseline) ({metric}): **{mine / base:.3f}×**")
+        if med.get((scenario, "portcullis (baseline)", "req/s")):
             print()
     mem = {m: med.get(("5 memory", "portcullis", m)) for m in ("idle RSS MiB", "KiB per tunnel")}
     if mem["idle RSS MiB"] is not None:

@@ -22,6 +22,9 @@ BIG_MIB=${BIG_MIB:-512}
 PIN=${PIN:-0}
 # SCENARIOS=12: run only these scenarios (digits 1-6).
 SCENARIOS=${SCENARIOS:-123456}
+# BASELINE=/path/to/portcullis: another build (e.g. of an older commit) measured in the same run
+# as "portcullis (baseline)" in scenarios 1, 3 and 4, on ports 3129/9091.
+BASELINE=${BASELINE:-}
 want() { [[ "$SCENARIOS" == *"$1"* ]]; }
 if [ "$PIN" = 1 ] && [ "$(nproc)" -ge 2 ]; then
   CLIENT_CPUS="taskset -c 0"
@@ -203,6 +206,15 @@ portcullis_config "$WORK/audit.log" > portcullis-audit.toml
 # A separate tunnel-only config for the CONNECT scenarios (no interception of 18443).
 portcullis_config stdout | sed 's/^intercept = "always"/intercept = "never"/; /^credential = "bench"/d' > portcullis-tunnel.toml
 
+BASELINE_PID=
+if [ -n "$BASELINE" ]; then
+  sed 's/^proxy = "127.0.0.1:3128"/proxy = "127.0.0.1:3129"/; s/^admin = "127.0.0.1:9090"/admin = "127.0.0.1:9091"/' \
+    portcullis.toml > portcullis-baseline.toml
+  $SERVER_CPUS "$BASELINE" run -c "$WORK/portcullis-baseline.toml" >/dev/null 2>"$WORK/baseline.log" &
+  BASELINE_PID=$!
+  PIDS+=($BASELINE_PID)
+fi
+
 PORTCULLIS_PID=
 start_portcullis() { # $1 = config
   stop_portcullis
@@ -226,6 +238,7 @@ wait_port() {
   log "port $1 did not open"; return 1
 }
 for port in 18080 18443 18081 13128 13129 18888; do wait_port "$port"; done
+[ -z "$BASELINE" ] || wait_port 3129
 start_portcullis "$WORK/portcullis.toml"
 
 # --- measurement helpers -------------------------------------------------------------------
@@ -233,10 +246,17 @@ RESULTS=$WORK/results.tsv
 : > "$RESULTS"
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$RESULTS"; } # scenario contender metric value
 
-oha_run() { # scenario contender url [oha args...]
+# CPU time (user + system, in clock ticks) a process has used so far.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+oha_run() { # scenario contender url [oha args...]; CPU_PID=pid also records its CPU time per request
   local scenario=$1 contender=$2 url=$3; shift 3
+  local pid=${CPU_PID:-} before=0 ticks=
+  [ -n "$pid" ] && before=$(cpu_ticks "$pid")
   if $CLIENT_CPUS oha --no-tui --output-format json -z "${DURATION}s" -c "$CONNECTIONS" "$@" "$url" > "$WORK/oha.json" 2>"$WORK/oha.err"; then
-    python3 "$ROOT/bench/report.py" oha "$WORK/oha.json" "$scenario" "$contender" "$RESULTS"
+    [ -n "$pid" ] && ticks=$(($(cpu_ticks "$pid") - before))
+    CPU_TICKS=$ticks CLK_TCK=$(getconf CLK_TCK) \
+      python3 "$ROOT/bench/report.py" oha "$WORK/oha.json" "$scenario" "$contender" "$RESULTS"
   else
     log "oha failed for $scenario / $contender: $(head -c 300 "$WORK/oha.err")"
   fi
@@ -262,7 +282,8 @@ for round in $(seq 1 "$ROUNDS"); do
   oha_run "1 plain HTTP" "nginx reverse proxy" http://127.0.0.1:18081/small
   oha_run "1 plain HTTP" squid "$SMALL" -x http://127.0.0.1:13128
   oha_run "1 plain HTTP" tinyproxy "$SMALL" -x http://127.0.0.1:18888
-  oha_run "1 plain HTTP" portcullis "$SMALL" -x http://127.0.0.1:3128
+  CPU_PID=$PORTCULLIS_PID oha_run "1 plain HTTP" portcullis "$SMALL" -x http://127.0.0.1:3128
+  [ -z "$BASELINE" ] || CPU_PID=$BASELINE_PID oha_run "1 plain HTTP" "portcullis (baseline)" "$SMALL" -x http://127.0.0.1:3129
   fi
 
   if want 6; then
@@ -276,12 +297,14 @@ for round in $(seq 1 "$ROUNDS"); do
   if want 3; then
   log "round $round: scenario 3 (intercepted HTTPS, keep-alive)"
   oha_run "3 intercepted keep-alive" squid https://127.0.0.1:18443/small -x http://127.0.0.1:13129 --insecure
-  oha_run "3 intercepted keep-alive" portcullis https://127.0.0.1:18443/small -x http://127.0.0.1:3128 --insecure
+  CPU_PID=$PORTCULLIS_PID oha_run "3 intercepted keep-alive" portcullis https://127.0.0.1:18443/small -x http://127.0.0.1:3128 --insecure
+  [ -z "$BASELINE" ] || CPU_PID=$BASELINE_PID oha_run "3 intercepted keep-alive" "portcullis (baseline)" https://127.0.0.1:18443/small -x http://127.0.0.1:3129 --insecure
   fi
   if want 4; then
   log "round $round: scenario 4 (intercepted HTTPS, a new connection per request)"
   oha_run "4 intercepted new connection" squid https://127.0.0.1:18443/small -x http://127.0.0.1:13129 --insecure --disable-keepalive
-  oha_run "4 intercepted new connection" portcullis https://127.0.0.1:18443/small -x http://127.0.0.1:3128 --insecure --disable-keepalive
+  CPU_PID=$PORTCULLIS_PID oha_run "4 intercepted new connection" portcullis https://127.0.0.1:18443/small -x http://127.0.0.1:3128 --insecure --disable-keepalive
+  [ -z "$BASELINE" ] || CPU_PID=$BASELINE_PID oha_run "4 intercepted new connection" "portcullis (baseline)" https://127.0.0.1:18443/small -x http://127.0.0.1:3129 --insecure --disable-keepalive
   fi
 
   if want 2; then

@@ -76,7 +76,7 @@ pub(super) fn validate(
     })
 }
 
-/// `[tls]`: nothing to reject here (whether the files load is checked by `crate::tls` when it
+/// `[tls]`: nothing to reject here (whether the files load is checked by the TLS module when it
 /// builds its configs); paths resolved.
 fn tls(t: &RawTls, base: &Path) -> TlsSettings {
     TlsSettings {
