@@ -18,13 +18,13 @@ use super::intercept;
 use super::keepalive::{CountingIo, IoCounter};
 use super::outcome;
 use super::request::TunnelTarget;
-use super::state::{ConnCtx, Gauged, Snapshot};
+use super::state::{ConnCtx, Snapshot};
 use super::tunnel::{self, TunnelEnd};
 use crate::body::{self, Body};
 use crate::error::ProxyError;
 use crate::identity::Identity;
 use crate::policy::{self, Host, RequestFacts};
-use crate::telemetry::Record;
+use crate::telemetry::{Gauged, Record};
 
 /// What the CONNECT opened before answering 200.
 pub enum Opened {

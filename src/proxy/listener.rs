@@ -15,8 +15,9 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::dispatch;
 use super::keepalive::{ConnTimer, CountingIo, IoCounter};
-use super::state::{ConnCtx, Gauged, State};
+use super::state::{ConnCtx, State};
 use crate::error::{raw_refusal, ProxyError};
+use crate::telemetry::Gauged;
 
 /// Accepts client connections until the future is dropped (when shutdown begins).
 pub async fn accept_loop(state: &Arc<State>, listener: &TcpListener) {

@@ -348,6 +348,23 @@ pub fn method_label(method: &Method) -> &'static str {
     }
 }
 
+/// Holds a gauge one higher for as long as it lives.
+pub struct Gauged(prometheus::IntGauge);
+
+impl Gauged {
+    /// Increments `gauge` until dropped.
+    pub fn new(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Gauged {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
