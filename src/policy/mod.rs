@@ -7,7 +7,7 @@
 //! judged after resolution, by the network layer.
 //!
 //! Allowed requests pay for nothing they do not use: the host is formatted only for a denial's
-//! message, and a path is normalised only when a rule that matched the host restricts paths.
+//! message. Paths come in already judged ([`judged_path`]), and only when some rule has `paths`.
 
 mod host;
 mod path;
@@ -18,7 +18,7 @@ use globset::GlobSet;
 use http::Method;
 
 pub use host::{normalize_host, Host, HostPattern, PatternError};
-pub use path::{compile_paths, normalize_path};
+pub use path::{compile_paths, judged_path, normalize_path, AmbiguousPath};
 
 /// When to terminate TLS for a CONNECT that a rule allows (spec §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
@@ -89,7 +89,8 @@ pub struct RequestFacts<'a> {
     pub port: u16,
     /// The request method; `None` for a CONNECT, whose inner requests are judged one by one.
     pub method: Option<&'a Method>,
-    /// The (normalised) request path; `None` for a CONNECT.
+    /// The request path in its judged form ([`judged_path`]); `None` for a CONNECT, and where no
+    /// rule restricts paths.
     pub path: Option<&'a str>,
     /// The client identity.
     pub client: &'a str,
@@ -226,8 +227,6 @@ pub fn decide<'r>(rules: &'r [Rule], req: &RequestFacts<'_>) -> Result<&'r Rule,
             best = Some(miss);
         }
     };
-    // Normalised on first use, at most once per request.
-    let mut normalized: Option<String> = None;
     for rule in rules {
         if let Some(clients) = &rule.clients {
             if !clients.iter().any(|c| c == req.client) {
@@ -241,10 +240,9 @@ pub fn decide<'r>(rules: &'r [Rule], req: &RequestFacts<'_>) -> Result<&'r Rule,
             consider(Miss::Port);
             continue;
         }
-        if let (Some(paths), Some(raw)) = (&rule.paths, req.path) {
-            let path = normalized.get_or_insert_with(|| normalize_path(raw));
-            if !paths.is_match(path.as_str()) {
-                consider(Miss::Path(path.clone()));
+        if let (Some(paths), Some(path)) = (&rule.paths, req.path) {
+            if !paths.is_match(path) {
+                consider(Miss::Path(path.to_owned()));
                 continue;
             }
         }
@@ -441,7 +439,8 @@ mod tests {
         let h = host("a.example");
         let mut f = facts(&h, 443);
         f.method = Some(&Method::GET);
-        f.path = Some("/ok/../secret");
+        let judged = judged_path("/ok/../secret").unwrap();
+        f.path = Some(&judged);
         assert_eq!(
             decide(&rules, &f).unwrap_err(),
             Denial::Path {
@@ -449,7 +448,8 @@ mod tests {
                 path: "/secret".into()
             }
         );
-        f.path = Some("/x/%2e%2e/ok/y");
+        let judged = judged_path("/x/%2e%2e/ok/y").unwrap();
+        f.path = Some(&judged);
         assert!(decide(&rules, &f).is_ok());
     }
 }

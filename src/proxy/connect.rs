@@ -17,7 +17,7 @@ use super::headers::precheck;
 use super::intercept;
 use super::keepalive::{CountingIo, IoCounter};
 use super::outcome;
-use super::request::TunnelTarget;
+use super::request::{refuse_userinfo, TunnelTarget};
 use super::state::{ConnCtx, Snapshot};
 use super::tunnel::{self, TunnelEnd};
 use crate::body::{self, Body};
@@ -46,6 +46,7 @@ pub async fn open(
 ) -> Result<Opened, ProxyError> {
     let bad = || ProxyError::BadRequest("CONNECT needs host:port".into());
     let authority = req.uri().authority().ok_or_else(bad)?;
+    refuse_userinfo(authority)?;
     precheck(req.method(), req.headers())?;
     let port = authority.port_u16().ok_or_else(bad)?;
     let host = Host::parse(authority.host())

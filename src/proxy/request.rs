@@ -6,7 +6,9 @@
 //!    (`http://host:port/…` as sent, or `https://<CONNECT host>:<port>/…` for a tunnel's inner
 //!    request, which must name the CONNECT host: 421 otherwise);
 //! 2. **precheck**: TRACE/TRACK and loops are refused;
-//! 3. **policy**: host, port, method, path and client against the rules (report mode inside);
+//! 3. **policy**: host, port, method, path and client against the rules (report mode inside); where
+//!    a rule restricts paths, an ambiguous path (`..;`, `\`, encoded `/`) is refused and any other
+//!    is judged normalised and sent in exactly that form;
 //! 4. **credentials**: the rule's credential overwrites any client-sent header of its name — never
 //!    over plain http unless the rule allows it;
 //! 5. **upstream**: hop-by-hop headers out, `Via` in, sent on the pooled client for the scheme,
@@ -159,7 +161,8 @@ pub async fn handle(
     apply_credential(conn, snap, rule, &mut parts.headers, record);
     record.request_headers(&parts.headers);
     parts.version = http::Version::HTTP_11;
-    let counted = Counted::new(incoming, record.request_bytes.clone());
+    let client_body = ClientBody(Some(incoming));
+    let counted = Counted::new(client_body, record.request_body.clone());
     send(
         snap,
         Request::from_parts(parts, body::boxed(counted)),
@@ -199,15 +202,26 @@ fn admit<'a, 's>(
             (Cow::Borrowed(&tunnel.host), tunnel.port)
         }
     };
+    // Paths are judged only where a rule restricts them, and then sent exactly as judged.
+    let judged = match snap.path_rules {
+        true => Some(
+            policy::judged_path(parts.uri.path())
+                .map_err(|e| ProxyError::BadRequest(e.to_string()))?,
+        ),
+        false => None,
+    };
     let facts = RequestFacts {
         host: &host,
         port,
         method: Some(&parts.method),
-        path: Some(parts.uri.path()),
+        path: judged.as_deref(),
         client: &identity.name,
     };
     let verdict = policy::judge(&snap.config.rules, &facts, identity.mode);
     let rule = outcome::admit(&conn.state.telemetry, record, verdict)?;
+    if let Some(Cow::Owned(path)) = judged {
+        parts.uri = with_path(&parts.uri, &path)?;
+    }
     let plain_http = parts.uri.scheme() == Some(&Scheme::HTTP);
     if let Some(rule) = rule {
         if plain_http && rule.credential.is_some() && !rule.plaintext_credentials {
@@ -219,11 +233,26 @@ fn admit<'a, 's>(
     Ok(Admitted { host, rule })
 }
 
+/// `uri` with its path replaced (the query kept).
+fn with_path(uri: &Uri, path: &str) -> Result<Uri, ProxyError> {
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_owned(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(
+        PathAndQuery::from_str(&path_and_query)
+            .map_err(|_| ProxyError::BadRequest("invalid request path".into()))?,
+    );
+    Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("invalid request target".into()))
+}
+
 /// The host and port of an absolute-form `http://` target on the proxy listener.
 fn plain_target(uri: &Uri) -> Result<(Host, u16), ProxyError> {
     let Some(authority) = uri.authority() else {
         return Err(ProxyError::OriginForm);
     };
+    refuse_userinfo(authority)?;
     match uri.scheme_str() {
         Some("http") => {}
         Some("https") => {
@@ -240,6 +269,17 @@ fn plain_target(uri: &Uri) -> Result<(Host, u16), ProxyError> {
     let host = Host::parse(authority.host())
         .ok_or_else(|| ProxyError::BadRequest(format!("invalid host {:?}", authority.host())))?;
     Ok((host, authority.port_u16().unwrap_or(80)))
+}
+
+/// A target with userinfo (`http://a@b/`) is refused (RFC 9110 §4.2.4): what would reach the
+/// upstream (`Host: a@b`) is not what policy judged (`b`).
+pub fn refuse_userinfo(authority: &Authority) -> Result<(), ProxyError> {
+    if authority.as_str().contains('@') {
+        return Err(ProxyError::BadRequest(
+            "a request target with userinfo (user@host) is not allowed".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Injects the rule's credential (overwriting any client-sent header of that name), counts it
@@ -282,7 +322,16 @@ async fn send(
                 stage: "response",
             })
         }
-        Ok(Err(err)) => return Err(upstream::failure(&host.to_string(), &err)),
+        Ok(Err(err)) => {
+            // A body the client framed badly (a bad chunk size, …) is the client's error: 400,
+            // and no upstream error counted.
+            if let Some(why) = record.request_body.failure() {
+                return Err(ProxyError::BadRequest(format!(
+                    "malformed request body: {why}"
+                )));
+            }
+            return Err(upstream::failure(&host.to_string(), &err));
+        }
         Ok(Ok(response)) => response,
     };
     let (mut parts, incoming) = response.into_parts();
@@ -291,6 +340,50 @@ async fn send(
     }
     prepare_response_headers(&mut parts.headers);
     Ok(Response::from_parts(parts, body::boxed(incoming)))
+}
+
+/// The client's request body on its way upstream. When the upstream is done with it before it
+/// ended (it answered early), the rest is read and dropped in the background (bounded, as for a
+/// refused request), so the client's request completes cleanly: an h2 client would otherwise see
+/// its stream reset.
+struct ClientBody(Option<Incoming>);
+
+impl http_body::Body for ClientBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        match self.0.as_mut() {
+            Some(body) => std::pin::Pin::new(body).poll_frame(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.as_ref().is_none_or(http_body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.0.as_ref().map_or_else(
+            || http_body::SizeHint::with_exact(0),
+            http_body::Body::size_hint,
+        )
+    }
+}
+
+impl Drop for ClientBody {
+    fn drop(&mut self) {
+        let Some(rest) = self.0.take() else { return };
+        if http_body::Body::is_end_stream(&rest) {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(body::discard(rest));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -313,6 +406,19 @@ mod tests {
         let (host, port) = plain_target(&"http://[::1]/".parse().unwrap()).unwrap();
         assert_eq!(port, 80);
         assert_eq!(host, Host::Ip("::1".parse().unwrap()));
+        for userinfo in [
+            "http://denied.test:1@rec.test/",
+            "http://u:p@rec.test/",
+            "http://@rec.test/",
+        ] {
+            assert!(
+                matches!(
+                    plain_target(&userinfo.parse().unwrap()),
+                    Err(ProxyError::BadRequest(_))
+                ),
+                "{userinfo}"
+            );
+        }
     }
 
     fn inner(uri: &str, host: Option<&str>) -> Parts {

@@ -31,6 +31,8 @@ pub struct Snapshot {
     pub masker: Arc<Masker>,
     /// Client identification for this configuration.
     pub clients: Clients,
+    /// Whether any rule restricts paths (else request paths are never judged).
+    pub path_rules: bool,
 }
 
 impl Snapshot {
@@ -45,6 +47,7 @@ impl Snapshot {
         Ok(Self {
             masker: Arc::new(Masker::new(&config)),
             clients: Clients::new(&config),
+            path_rules: config.rules.iter().any(|r| r.paths.is_some()),
             upstreams: Upstreams::new(&dialer, upstream_tls),
             dialer,
             config: Arc::new(config),

@@ -166,14 +166,28 @@ async fn inspect_first_bytes<R: AsyncRead + Unpin>(
         .await
         .map_err(|_| TunnelEnd::Error)?;
     let mut buf = BytesMut::from(&first[..n]);
-    if n == 0 || first[0] != 0x16 {
+    if n == 0 || !looks_like_tls(&first[..n]) {
         return Ok(buf);
+    }
+    // A TLS record that is not a handshake (a ChangeCipherSpec or alert sent first) would slip
+    // past the SNI check: a TLS-looking first record must be the ClientHello.
+    if first[0] != TLS_HANDSHAKE {
+        return Err(TunnelEnd::BadClientHello);
     }
     match tokio::time::timeout(hello_timeout, complete_client_hello(reader, &mut buf, host)).await {
         Ok(Ok(())) => Ok(buf),
         Ok(Err(end)) => Err(end),
         Err(_) => Err(TunnelEnd::BadClientHello),
     }
+}
+
+/// The TLS record type of handshake messages (the ClientHello).
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Whether bytes start like a TLS record: a content type (change_cipher_spec 20, alert 21,
+/// handshake 22, application_data 23, heartbeat 24) followed by a 3.x record version.
+fn looks_like_tls(bytes: &[u8]) -> bool {
+    matches!(bytes.first(), Some(0x14..=0x18)) && bytes.get(1).is_none_or(|v| *v == 0x03)
 }
 
 async fn complete_client_hello<R: AsyncRead + Unpin>(
@@ -226,6 +240,27 @@ pub fn sni_matches(sni: &str, host: &Host) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_looking_records() {
+        assert!(looks_like_tls(&[0x16, 0x03, 0x01]));
+        assert!(looks_like_tls(&[0x14, 0x03, 0x03, 0x00, 0x01, 0x01]));
+        assert!(looks_like_tls(&[0x15, 0x03]));
+        assert!(!looks_like_tls(b"SSH-2.0-x"));
+        assert!(!looks_like_tls(b"GET / HTTP/1.1"));
+        assert!(!looks_like_tls(&[0x16, 0x00]));
+    }
+
+    #[tokio::test]
+    async fn a_record_before_the_client_hello_closes_the_tunnel() {
+        let host = Host::parse("api.example.com").unwrap();
+        let mut ccs: &[u8] = &[0x14, 0x03, 0x03, 0x00, 0x01, 0x01];
+        let end = inspect_first_bytes(&mut ccs, &host, Duration::from_secs(1)).await;
+        assert_eq!(end.unwrap_err(), TunnelEnd::BadClientHello);
+        let mut ssh: &[u8] = b"SSH-2.0-OpenSSH\r\n";
+        let first = inspect_first_bytes(&mut ssh, &host, Duration::from_secs(1)).await;
+        assert_eq!(&first.unwrap()[..], b"SSH-2.0-OpenSSH\r\n");
+    }
 
     #[test]
     fn sni_comparison_normalises() {

@@ -24,7 +24,7 @@ mod sink;
 pub use event::{Decision, Event, EventLine, IdGenerator, Kind};
 pub use mask::{MaskedHeaders, Masker, HIDDEN, MASKED_HEADERS, MASKED_QUERY_PARAMS};
 pub use metrics::{method_label, Gauged, Metrics, EXPORTED};
-pub use record::{Counted, Record};
+pub use record::{BodyProgress, Counted, Record};
 pub use sink::{AuditError, AuditSink};
 
 /// The audit sink and the metrics: what a finished request or tunnel reports to.

@@ -1,12 +1,12 @@
 //! A request's or tunnel's record ([`Record`]), filled along its path, and how it is finished:
 //! counted in the metrics and handed to the audit sink when the response body ends
 //! ([`Telemetry::finish_response`], the [`Observed`] body) or the tunnel closes.
-//! [`Counted`] counts request body bytes on the way up.
+//! [`Counted`] follows the request body on the way up ([`BodyProgress`]: bytes, end, failure).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -26,8 +26,8 @@ pub struct Record {
     /// The event so far.
     pub event: Event,
     started: Instant,
-    /// Request body bytes sent upstream (a counting body adds to it).
-    pub request_bytes: Arc<AtomicU64>,
+    /// How far the request body got on its way upstream (a [`Counted`] body reports to it).
+    pub request_body: Arc<BodyProgress>,
     /// The metric label of the rule (`none` until one matches).
     pub rule_label: Arc<str>,
     masker: Arc<Masker>,
@@ -70,7 +70,7 @@ impl Record {
                 error: None,
             },
             started: Instant::now(),
-            request_bytes: Arc::new(AtomicU64::new(0)),
+            request_body: Arc::new(BodyProgress::default()),
             rule_label: Arc::from("none"),
             masker,
         }
@@ -136,8 +136,14 @@ impl Record {
 
     fn close(mut self, telemetry: &Telemetry, bytes_received: u64) {
         self.event.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
-        self.event.bytes_sent = self.request_bytes.load(Ordering::Relaxed);
+        self.event.bytes_sent = self.request_body.sent();
         self.event.bytes_received = bytes_received;
+        if answered_early(&self) {
+            self.event.error = Some(format!(
+                "the upstream answered before the whole request body was sent ({} bytes sent)",
+                self.event.bytes_sent
+            ));
+        }
         let (e, m) = (&self.event, &telemetry.metrics);
         match e.kind {
             Kind::Request => {
@@ -174,11 +180,57 @@ impl Record {
         down: u64,
         error: Option<String>,
     ) {
-        self.request_bytes.store(up, Ordering::Relaxed);
+        self.request_body.sent.store(up, Ordering::Relaxed);
         if self.event.error.is_none() {
             self.event.error = error;
         }
         self.close(telemetry, down);
+    }
+}
+
+/// A relayed request whose response came while its body was still on the way (and no other
+/// error explains it).
+fn answered_early(record: &Record) -> bool {
+    record.event.kind == Kind::Request
+        && record.event.error.is_none()
+        && record.event.status.is_some()
+        && !record.request_body.ended()
+}
+
+/// How far a request body got on its way upstream: shared by the [`Counted`] body and its record.
+#[derive(Debug)]
+pub struct BodyProgress {
+    sent: AtomicU64,
+    ended: AtomicBool,
+    failure: OnceLock<String>,
+}
+
+impl Default for BodyProgress {
+    /// No body yet: nothing sent, nothing pending.
+    fn default() -> Self {
+        Self {
+            sent: AtomicU64::new(0),
+            ended: AtomicBool::new(true),
+            failure: OnceLock::new(),
+        }
+    }
+}
+
+impl BodyProgress {
+    /// Bytes passed on.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Whether the body was passed on to its end (true when there was none).
+    pub fn ended(&self) -> bool {
+        self.ended.load(Ordering::Relaxed)
+    }
+
+    /// Why the client's body failed (malformed framing, the client going away), if it did: the
+    /// client's fault, not the upstream's.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.get().map(String::as_str)
     }
 }
 
@@ -273,22 +325,26 @@ impl Drop for Observed {
     }
 }
 
-/// A request body that counts the bytes it yields into `counter`.
+/// A request body that reports its progress (bytes, end, failure) to a [`BodyProgress`].
 pub struct Counted<B> {
     inner: B,
-    counter: Arc<AtomicU64>,
+    progress: Arc<BodyProgress>,
 }
 
-impl<B> Counted<B> {
+impl<B: HttpBody> Counted<B> {
     /// Wraps `inner`.
-    pub fn new(inner: B, counter: Arc<AtomicU64>) -> Self {
-        Self { inner, counter }
+    pub fn new(inner: B, progress: Arc<BodyProgress>) -> Self {
+        progress
+            .ended
+            .store(inner.is_end_stream(), Ordering::Relaxed);
+        Self { inner, progress }
     }
 }
 
 impl<B> HttpBody for Counted<B>
 where
     B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
 {
     type Data = Bytes;
     type Error = B::Error;
@@ -298,10 +354,22 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                self.counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.progress
+                        .sent
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                if self.inner.is_end_stream() {
+                    self.progress.ended.store(true, Ordering::Relaxed);
+                }
             }
+            Poll::Ready(None) => self.progress.ended.store(true, Ordering::Relaxed),
+            Poll::Ready(Some(Err(e))) => {
+                let _ = self.progress.failure.set(e.to_string());
+            }
+            Poll::Pending => {}
         }
         polled
     }
