@@ -4,10 +4,10 @@
 //! [`classify`] is the pure address classifier; [`NetworkPolicy`] adds the operator's exceptions;
 //! [`Dialer`] does the I/O (static overrides, system resolver, TCP connect with a deadline).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -158,10 +158,14 @@ pub struct NetworkPolicy {
 }
 
 impl NetworkPolicy {
-    /// Judges one address: deny list first, then the proxy's own listeners, then the
-    /// exceptions, then the special-purpose ranges.
+    /// Judges one address: unspecified addresses and the proxy's own listeners always refused
+    /// (whatever `allow_private` or `allow_cidrs` say), then the deny list, then the exceptions,
+    /// then the special-purpose ranges.
     pub fn check(&self, addr: SocketAddr, own: &[SocketAddr]) -> Result<(), Prohibited> {
         let ip = canonical(addr.ip());
+        if is_unspecified(ip) {
+            return Err(Prohibited::Unspecified);
+        }
         if self.deny.iter().any(|n| n.contains(&ip)) {
             return Err(Prohibited::DenyListed);
         }
@@ -183,14 +187,96 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// `0.0.0.0/8` ("this network") and `::`: never a destination (connecting to them reaches this
+/// host).
+fn is_unspecified(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.octets()[0] == 0,
+        IpAddr::V6(v6) => v6.is_unspecified(),
+    }
+}
+
 /// A destination is one of our listeners when the port matches and the address is the bound one,
-/// or the listener is bound to every address and the destination is local (loopback/unspecified).
+/// or the listener is bound to every address (`0.0.0.0`, `::`) and the destination is an address
+/// of this host: loopback, or any address of its interfaces.
 fn is_same_listener(listener: SocketAddr, ip: IpAddr, port: u16) -> bool {
     if listener.port() != port {
         return false;
     }
     let bound = canonical(listener.ip());
-    bound == ip || (bound.is_unspecified() && (ip.is_loopback() || ip.is_unspecified()))
+    bound == ip || (bound.is_unspecified() && (ip.is_loopback() || is_local_address(ip)))
+}
+
+/// Whether `ip` is an address of one of this host's interfaces. Asked only for a destination on
+/// the port of a listener bound to every address, so the interface lookup is off the common path.
+/// If the interfaces cannot be listed, the address is taken to be local (refused).
+fn is_local_address(ip: IpAddr) -> bool {
+    match if_addrs::get_if_addrs() {
+        Ok(interfaces) => interfaces.iter().any(|i| canonical(i.ip()) == ip),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list interface addresses: refusing {ip} on a listener port");
+            true
+        }
+    }
+}
+
+/// What the proxy itself is on the network: its listeners (never a destination) and the sockets
+/// it has opened (never a client). Shared by every snapshot's dialer.
+#[derive(Debug, Clone)]
+pub struct Own {
+    listeners: Arc<[SocketAddr]>,
+    opened: Arc<Mutex<HashSet<SocketAddr>>>,
+}
+
+impl Own {
+    /// The proxy bound to `listeners`.
+    pub fn new(listeners: Vec<SocketAddr>) -> Self {
+        Self {
+            listeners: Arc::from(listeners),
+            opened: Arc::default(),
+        }
+    }
+
+    /// The bound listener addresses.
+    pub fn listeners(&self) -> &[SocketAddr] {
+        &self.listeners
+    }
+
+    /// Whether a connection from `peer` is one the proxy opened itself (a loop through one of
+    /// its own listeners, which must never be taken for a client).
+    pub fn opened(&self, peer: SocketAddr) -> bool {
+        let opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
+        opened.contains(&peer)
+            || opened.contains(&SocketAddr::new(canonical(peer.ip()), peer.port()))
+    }
+
+    fn register(&self, local: SocketAddr) -> OpenedSocket {
+        let local = SocketAddr::new(canonical(local.ip()), local.port());
+        self.opened
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(local);
+        OpenedSocket {
+            opened: self.opened.clone(),
+            local,
+        }
+    }
+}
+
+/// Keeps an upstream socket's local address in [`Own`] for as long as the socket lives.
+#[derive(Debug)]
+pub struct OpenedSocket {
+    opened: Arc<Mutex<HashSet<SocketAddr>>>,
+    local: SocketAddr,
+}
+
+impl Drop for OpenedSocket {
+    fn drop(&mut self) {
+        self.opened
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.local);
+    }
 }
 
 /// Name resolution failed.
@@ -241,27 +327,26 @@ pub struct Dialed {
     pub stream: TcpStream,
     /// The peer address, as judged.
     pub addr: SocketAddr,
+    /// Marks the socket as the proxy's own while it lives: keep it as long as `stream`.
+    pub opened: Option<OpenedSocket>,
 }
 
 /// Resolves, judges and dials destinations for one configuration snapshot.
 #[derive(Debug, Clone)]
 pub struct Dialer {
     policy: Arc<NetworkPolicy>,
-    own_listeners: Arc<[SocketAddr]>,
+    own: Own,
     connect_timeout: Duration,
 }
 
 impl Dialer {
-    /// A dialer for `policy`, refusing `own_listeners`, giving up after `connect_timeout`
-    /// (which covers resolution and connect together).
-    pub fn new(
-        policy: Arc<NetworkPolicy>,
-        own_listeners: Arc<[SocketAddr]>,
-        connect_timeout: Duration,
-    ) -> Self {
+    /// A dialer for `policy`, refusing the proxy's `own` listeners and registering the sockets
+    /// it opens there, giving up after `connect_timeout` (which covers resolution and connect
+    /// together).
+    pub fn new(policy: Arc<NetworkPolicy>, own: Own, connect_timeout: Duration) -> Self {
         Self {
             policy,
-            own_listeners,
+            own,
             connect_timeout,
         }
     }
@@ -298,7 +383,7 @@ impl Dialer {
         let addrs = self.resolve(host, port).await?;
         for addr in &addrs {
             self.policy
-                .check(*addr, &self.own_listeners)
+                .check(*addr, self.own.listeners())
                 .map_err(|why| DialError::Prohibited {
                     addr: addr.ip(),
                     why,
@@ -320,7 +405,12 @@ impl Dialer {
                 Ok(Ok(stream)) => {
                     // Small writes (TLS records, request heads) must not wait for Nagle.
                     let _ = stream.set_nodelay(true);
-                    return Ok(Dialed { stream, addr });
+                    let opened = stream.local_addr().ok().map(|l| self.own.register(l));
+                    return Ok(Dialed {
+                        stream,
+                        addr,
+                        opened,
+                    });
                 }
                 Ok(Err(source)) => last = Some(DialError::Connect { addr, source }),
             }
@@ -435,5 +525,41 @@ mod tests {
         let any: Vec<SocketAddr> = vec!["0.0.0.0:3128".parse().unwrap()];
         assert_eq!(p.check(sa("127.0.0.1:3128"), &any), Err(OwnListener));
         assert_eq!(p.check(sa("127.0.0.1:3129"), &any), Ok(()));
+        // Unspecified addresses, in every spelling, whatever allow_private says.
+        for unspecified in [
+            "0.0.0.0:3129",
+            "0.1.2.3:80",
+            "[::]:80",
+            "[::ffff:0.0.0.0]:3129",
+        ] {
+            assert_eq!(
+                p.check(sa(unspecified), &own),
+                Err(Unspecified),
+                "{unspecified}"
+            );
+        }
+        p.allow = vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()];
+        assert_eq!(p.check(sa("0.0.0.0:80"), &own), Err(Unspecified));
+        // Every address of this host's interfaces is the listener bound to 0.0.0.0.
+        for interface in if_addrs::get_if_addrs().unwrap() {
+            let on_listener = SocketAddr::new(interface.ip(), 3128);
+            assert_eq!(
+                p.check(on_listener, &any),
+                Err(OwnListener),
+                "{on_listener}"
+            );
+        }
+    }
+
+    #[test]
+    fn sockets_the_proxy_opened_are_known_while_they_live() {
+        let own = Own::new(vec!["127.0.0.1:3128".parse().unwrap()]);
+        let local: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let opened = own.register(local);
+        assert!(own.opened(local));
+        assert!(own.opened("[::ffff:127.0.0.1]:40000".parse().unwrap()));
+        assert!(!own.opened("127.0.0.1:40001".parse().unwrap()));
+        drop(opened);
+        assert!(!own.opened(local));
     }
 }

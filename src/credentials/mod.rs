@@ -5,6 +5,7 @@
 //! A secret's value leaves this module only as a sensitive [`HeaderValue`] for injection or
 //! through [`Secret::expose`] for the audit masker.
 
+mod echo;
 mod secret;
 
 use std::collections::BTreeMap;
@@ -16,6 +17,7 @@ use http::{HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+pub use echo::{Echoes, Masked};
 pub use secret::{Secret, SecretError, SecretSource};
 
 /// A `[credentials.NAME]` entry as written.
@@ -73,6 +75,8 @@ pub struct Credential {
     pub value: HeaderValue,
     /// The resolved secret (masking searches audit events for it).
     pub secret: Secret,
+    /// What of it must not come back in a response (the secret, a Basic pair's base64 form).
+    pub echoes: Option<std::sync::Arc<Echoes>>,
 }
 
 impl fmt::Debug for Credential {
@@ -107,6 +111,9 @@ impl Credential {
         })?;
         let (source, _) = spec.source();
         let secret = source.resolve(base)?;
+        // Besides the secret itself, a Basic pair travels as base64: an echo of either must not
+        // come back.
+        let mut encoded_pair = None;
         let text = Zeroizing::new(match spec {
             CredentialSpec::Bearer(_) => format!("Bearer {}", secret.expose()),
             CredentialSpec::Basic { username, .. } => {
@@ -114,10 +121,12 @@ impl Credential {
                     return Err(CredentialError::NotHeaderSafe("basic.username"));
                 }
                 let pair = Zeroizing::new(format!("{username}:{}", secret.expose()));
-                format!(
-                    "Basic {}",
-                    base64::engine::general_purpose::STANDARD.encode(pair.as_bytes())
-                )
+                let encoded = Zeroizing::new(
+                    base64::engine::general_purpose::STANDARD.encode(pair.as_bytes()),
+                );
+                let text = format!("Basic {}", encoded.as_str());
+                encoded_pair = Some(encoded);
+                text
             }
             CredentialSpec::Header { prefix, .. } => {
                 format!("{}{}", prefix.as_deref().unwrap_or(""), secret.expose())
@@ -126,10 +135,14 @@ impl Credential {
         let mut value = HeaderValue::from_str(&text)
             .map_err(|_| CredentialError::NotHeaderSafe("header.prefix"))?;
         value.set_sensitive(true);
+        let mut echoes: Vec<&[u8]> = vec![secret.expose().as_bytes()];
+        echoes.extend(encoded_pair.as_ref().map(|e| e.as_bytes()));
+        let echoes = Echoes::new(&echoes).map(std::sync::Arc::new);
         Ok(Self {
             name: std::sync::Arc::from(name),
             header,
             value,
+            echoes,
             secret,
         })
     }

@@ -11,7 +11,6 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use rustls::ServerConfig;
-use tokio::net::TcpStream;
 
 use super::headers::precheck;
 use super::intercept;
@@ -23,13 +22,14 @@ use super::tunnel::{self, TunnelEnd};
 use crate::body::{self, Body};
 use crate::error::ProxyError;
 use crate::identity::Identity;
+use crate::net::Dialed;
 use crate::policy::{self, Host, RequestFacts};
 use crate::telemetry::{Gauged, Record};
 
 /// What the CONNECT opened before answering 200.
 pub enum Opened {
-    /// A tunnel: the upstream socket, already connected.
-    Tunnel(TunnelTarget, TcpStream),
+    /// A tunnel: the upstream connection, already established.
+    Tunnel(TunnelTarget, Dialed),
     /// Interception: the TLS configuration for the CONNECT host (addresses already judged).
     Intercept(TunnelTarget, Arc<ServerConfig>),
 }
@@ -86,10 +86,7 @@ pub async fn open(
         .await
         .map_err(|e| ProxyError::from_dial(&name(), &e))?;
     record.event.upstream_addr = Some(dialed.addr);
-    Ok(Opened::Tunnel(
-        TunnelTarget::new(host, port)?,
-        dialed.stream,
-    ))
+    Ok(Opened::Tunnel(TunnelTarget::new(host, port)?, dialed))
 }
 
 /// Answers `200` and spawns the tunnel, which takes over the CONNECT's record and writes it when
@@ -128,9 +125,12 @@ pub fn start(
                 Opened::Intercept(target, tls) => {
                     intercept::serve(conn.clone(), identity, target, client, tls).await
                 }
-                Opened::Tunnel(target, upstream) => {
+                Opened::Tunnel(target, dialed) => {
                     let idle = limits.idle_timeout;
                     let hello = limits.header_read_timeout;
+                    // Marks the socket as the proxy's own for as long as the relay runs.
+                    let _opened = dialed.opened;
+                    let upstream = dialed.stream;
                     let end = tunnel::relay(client, upstream, &target.host, idle, hello).await;
                     tracing::debug!(
                         peer = %conn.peer,

@@ -31,15 +31,17 @@ pub async fn accept_loop(state: &Arc<State>, listener: &TcpListener) {
                 continue;
             }
         };
+        if state.own.opened(peer) {
+            // The proxy dialled itself: a loop, and never a client (whatever network it is in).
+            tracing::warn!(%peer, "refused a connection the proxy opened to itself");
+            count_refusal(state, &ProxyError::Loop);
+            tokio::spawn(refuse(stream, ProxyError::Loop));
+            continue;
+        }
         let Some(slot) = state.connection_slot() else {
             // No request was read, so there is no audit event; the refusal is counted.
             let err = ProxyError::Overloaded;
-            state
-                .telemetry
-                .metrics
-                .denials
-                .with_label_values(&[err.class().reason])
-                .inc();
+            count_refusal(state, &err);
             tokio::spawn(refuse(stream, err));
             continue;
         };
@@ -51,6 +53,16 @@ pub async fn accept_loop(state: &Arc<State>, listener: &TcpListener) {
             drop(active);
         });
     }
+}
+
+/// Counts a connection refused before any request was read (so there is no audit event).
+fn count_refusal(state: &State, err: &ProxyError) {
+    state
+        .telemetry
+        .metrics
+        .denials
+        .with_label_values(&[err.class().reason])
+        .inc();
 }
 
 /// Answers a connection the proxy will not serve, without reading its request.

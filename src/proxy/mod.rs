@@ -36,6 +36,7 @@ pub use state::{Snapshot, State};
 
 use crate::admin::{self, Admin};
 use crate::config::Config;
+use crate::net::Own;
 use crate::telemetry::{AuditError, AuditSink, IdGenerator, Metrics, Telemetry};
 use crate::tls::{CertificateAuthority, Interceptor, TlsError};
 
@@ -135,7 +136,7 @@ pub async fn start(config: Config) -> Result<ProxyHandle, ServerError> {
             "generated a new interception CA: clients must trust this certificate"
         );
     }
-    let own: Arc<[SocketAddr]> = Arc::from(vec![proxy_addr, admin_addr]);
+    let own = Own::new(vec![proxy_addr, admin_addr]);
     let max_connections = config.limits.max_connections;
     let grace = config.limits.shutdown_grace;
     let metrics = Metrics::new()?;

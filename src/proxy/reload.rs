@@ -131,7 +131,7 @@ impl Reloader {
         let output_changed = new.audit.output != current.audit.output;
         let rules = new.rules.len();
         let output = new.audit.output.clone();
-        let snapshot = Snapshot::build(new, self.state.own_listeners.clone())?;
+        let snapshot = Snapshot::build(new, self.state.own.clone())?;
         self.state.swap(snapshot);
         if output_changed {
             self.state.telemetry.audit.reopen(output);

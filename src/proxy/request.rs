@@ -12,7 +12,9 @@
 //! 4. **credentials**: the rule's credential overwrites any client-sent header of its name — never
 //!    over plain http unless the rule allows it;
 //! 5. **upstream**: hop-by-hop headers out, `Via` in, sent on the pooled client for the scheme,
-//!    bodies streamed both ways; redirects are passed back, never followed.
+//!    bodies streamed both ways; redirects are passed back, never followed;
+//! 6. **echoes**: the response to a request that carried a credential has every echo of its
+//!    secret masked (headers and streamed body, lengths kept).
 //!
 //! The audit record is filled along the way; [`super::outcome::respond`] finishes it. A feature
 //! that touches requests (minted credentials, signing, response scrubbing) plugs in here, once,
@@ -20,6 +22,7 @@
 
 use std::borrow::Cow;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use http::header::{self, HeaderMap};
 use http::request::Parts;
@@ -32,7 +35,7 @@ use super::outcome;
 use super::state::{ConnCtx, Snapshot};
 use super::upstream::{self, UpstreamAddr};
 use crate::body::{self, Body};
-use crate::credentials::inject;
+use crate::credentials::{inject, Credential, Echoes, Masked};
 use crate::error::ProxyError;
 use crate::identity::Identity;
 use crate::policy::{self, Denial, Host, RequestFacts, Rule};
@@ -158,18 +161,25 @@ pub async fn handle(
     // The upstream client derives Host (HTTP/1.1) or :authority (h2) from the absolute URI, so
     // what is sent is exactly what policy judged.
     parts.headers.remove(header::HOST);
-    apply_credential(conn, snap, rule, &mut parts.headers, record);
+    let injected = apply_credential(conn, snap, rule, &mut parts.headers, record);
+    let echoes = injected.and_then(|cred| cred.echoes.clone());
+    if echoes.is_some() {
+        // Echoes are masked in the bytes as they come: a compressed body would hide them.
+        parts.headers.insert(
+            header::ACCEPT_ENCODING,
+            header::HeaderValue::from_static("identity"),
+        );
+    }
     record.request_headers(&parts.headers);
     parts.version = http::Version::HTTP_11;
     let client_body = ClientBody(Some(incoming));
     let counted = Counted::new(client_body, record.request_body.clone());
-    send(
-        snap,
-        Request::from_parts(parts, body::boxed(counted)),
-        &host,
-        record,
-    )
-    .await
+    let upstream_req = Request::from_parts(parts, body::boxed(counted));
+    let response = send(snap, upstream_req, &host, record).await?;
+    Ok(match echoes {
+        Some(echoes) => mask_echoes(response, echoes),
+        None => response,
+    })
 }
 
 /// Everything decided before any I/O: one form, precheck, policy, the plain-http guard.
@@ -284,19 +294,16 @@ pub fn refuse_userinfo(authority: &Authority) -> Result<(), ProxyError> {
 
 /// Injects the rule's credential (overwriting any client-sent header of that name), counts it
 /// and names it in the audit record.
-fn apply_credential(
+fn apply_credential<'s>(
     conn: &ConnCtx,
-    snap: &Snapshot,
+    snap: &'s Snapshot,
     rule: Option<&Rule>,
     headers: &mut HeaderMap,
     record: &mut Record,
-) {
-    let Some(cred) = rule
+) -> Option<&'s Credential> {
+    let cred = rule
         .and_then(|r| r.credential.as_ref())
-        .and_then(|c| snap.config.credentials.get(c))
-    else {
-        return;
-    };
+        .and_then(|c| snap.config.credentials.get(c))?;
     inject(headers, cred);
     record.event.credential = Some(cred.name.clone());
     conn.state
@@ -305,6 +312,15 @@ fn apply_credential(
         .credential_injections
         .with_label_values(&[&*cred.name])
         .inc();
+    Some(cred)
+}
+
+/// Secrets do not come back: the response to a request that carried an injected credential has
+/// every echo of its secret masked, in the headers and in the streamed body.
+fn mask_echoes(response: Response<Body>, echoes: Arc<Echoes>) -> Response<Body> {
+    let (mut parts, body) = response.into_parts();
+    echoes.mask_headers(&mut parts.headers);
+    Response::from_parts(parts, body::boxed(Masked::new(body, echoes)))
 }
 
 /// Sends `req` upstream; the response head must arrive within the idle timeout.

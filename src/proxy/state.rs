@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 use super::upstream::Upstreams;
 use crate::config::Config;
 use crate::identity::Clients;
-use crate::net::Dialer;
+use crate::net::{Dialer, Own};
 use crate::telemetry::{Masker, Telemetry};
 use crate::tls::{self, Interceptor, TlsError};
 
@@ -37,12 +37,8 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Builds the runtime objects of `config`.
-    pub fn build(config: Config, own_listeners: Arc<[SocketAddr]>) -> Result<Self, TlsError> {
-        let dialer = Dialer::new(
-            config.network.clone(),
-            own_listeners,
-            config.limits.connect_timeout,
-        );
+    pub fn build(config: Config, own: Own) -> Result<Self, TlsError> {
+        let dialer = Dialer::new(config.network.clone(), own, config.limits.connect_timeout);
         let upstream_tls = tls::upstream_client_config(&config.tls)?;
         Ok(Self {
             masker: Arc::new(Masker::new(&config)),
@@ -58,8 +54,8 @@ impl Snapshot {
 /// Process-wide state shared by every connection.
 pub struct State {
     snapshot: ArcSwap<Snapshot>,
-    /// The proxy's own bound listeners (never a destination).
-    pub own_listeners: Arc<[SocketAddr]>,
+    /// The proxy's own listeners (never a destination) and sockets (never a client).
+    pub own: Own,
     /// Connections, tunnels and their requests: awaited on shutdown.
     pub tasks: TaskTracker,
     /// Cancelled when shutdown begins: `/readyz` answers 503, new requests get 503, and
@@ -78,14 +74,14 @@ impl State {
     /// State serving `snapshot`, admitting at most `max_connections` client connections.
     pub fn new(
         snapshot: Snapshot,
-        own_listeners: Arc<[SocketAddr]>,
+        own: Own,
         interceptor: Interceptor,
         telemetry: Arc<Telemetry>,
         max_connections: usize,
     ) -> Self {
         Self {
             snapshot: ArcSwap::from_pointee(snapshot),
-            own_listeners,
+            own,
             tasks: TaskTracker::new(),
             drain: CancellationToken::new(),
             hard_stop: CancellationToken::new(),

@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 
 use crate::body::Body;
 use crate::error::ProxyError;
-use crate::net::{DialError, Dialer};
+use crate::net::{DialError, Dialer, OpenedSocket};
 use crate::policy::Host;
 
 /// The address an upstream response came from (in the response's extensions).
@@ -45,6 +45,7 @@ impl Connector {
 pub struct UpstreamStream {
     io: TokioIo<TcpStream>,
     addr: SocketAddr,
+    _opened: Option<OpenedSocket>,
 }
 
 impl Connection for UpstreamStream {
@@ -121,6 +122,7 @@ impl tower_service::Service<Uri> for Connector {
             Ok(UpstreamStream {
                 io: TokioIo::new(dialed.stream),
                 addr: dialed.addr,
+                _opened: dialed.opened,
             })
         })
     }

@@ -1,0 +1,212 @@
+//! Secrets do not come back (spec §3): an upstream that echoes an injected secret — nginx
+//! reflecting `Authorization`, a debug endpoint, a `Set-Cookie` — must not hand it to the
+//! pipeline that was never meant to hold it. In responses to requests that carried an injected
+//! credential, every occurrence of the secret (raw, and a Basic pair's base64 form) is replaced
+//! by as many `*` as it has bytes, in headers and trailers and in the body, streaming, also when
+//! it straddles two reads. Lengths hold, so `Content-Length` stays true.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use aho_corasick::{AhoCorasick, MatchKind};
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue};
+use http_body::{Body, Frame, SizeHint};
+
+/// The byte strings of one credential that must not come back, compiled once per configuration.
+#[derive(Debug)]
+pub struct Echoes {
+    automaton: AhoCorasick,
+    /// Bytes that may hold the start of an occurrence not yet complete: the longest pattern
+    /// less one.
+    carry: usize,
+}
+
+impl Echoes {
+    /// Echoes of `patterns` (empty ones ignored); `None` if there is nothing to look for or the
+    /// automaton cannot be built.
+    pub fn new(patterns: &[&[u8]]) -> Option<Self> {
+        let patterns: Vec<&[u8]> = patterns.iter().copied().filter(|p| !p.is_empty()).collect();
+        let longest = patterns.iter().map(|p| p.len()).max()?;
+        let automaton = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(&patterns)
+            .ok()?;
+        Some(Self {
+            automaton,
+            carry: longest - 1,
+        })
+    }
+
+    /// Replaces every occurrence in `bytes` by `*`s; whether anything was replaced.
+    pub fn mask(&self, bytes: &mut [u8]) -> bool {
+        let found: Vec<(usize, usize)> = self
+            .automaton
+            .find_iter(&*bytes)
+            .map(|m| (m.start(), m.end()))
+            .collect();
+        for (start, end) in &found {
+            bytes[*start..*end].fill(b'*');
+        }
+        !found.is_empty()
+    }
+
+    /// Masks every header value that holds an occurrence.
+    pub fn mask_headers(&self, headers: &mut HeaderMap) {
+        for value in headers.values_mut() {
+            if !self.automaton.is_match(value.as_bytes()) {
+                continue;
+            }
+            let mut bytes = value.as_bytes().to_vec();
+            self.mask(&mut bytes);
+            // `*` is a valid header byte, so this cannot fail; if it did, drop the value.
+            *value =
+                HeaderValue::from_bytes(&bytes).unwrap_or_else(|_| HeaderValue::from_static(""));
+        }
+    }
+}
+
+/// A response body with every echo masked. It holds back the last `carry` bytes of what it has
+/// seen until more arrive (or the body ends), so an occurrence split across reads is still found.
+pub struct Masked<B> {
+    inner: B,
+    echoes: Arc<Echoes>,
+    held: BytesMut,
+    trailers: Option<HeaderMap>,
+    done: bool,
+}
+
+impl<B> Masked<B> {
+    /// Masks `inner`'s data and trailers.
+    pub fn new(inner: B, echoes: Arc<Echoes>) -> Self {
+        Self {
+            inner,
+            echoes,
+            held: BytesMut::new(),
+            trailers: None,
+            done: false,
+        }
+    }
+
+    fn flush(&mut self) -> Option<Frame<Bytes>> {
+        (!self.held.is_empty()).then(|| Frame::data(self.held.split().freeze()))
+    }
+}
+
+impl<B> Body for Masked<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        loop {
+            if this.done {
+                if let Some(data) = this.flush() {
+                    return Poll::Ready(Some(Ok(data)));
+                }
+                return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            }
+            let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    this.done = true;
+                    continue;
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Some(Ok(frame))) => frame,
+            };
+            match frame.into_data() {
+                Ok(data) => {
+                    this.held.extend_from_slice(&data);
+                    this.echoes.mask(&mut this.held);
+                    // Everything but the last `carry` bytes is final: an occurrence starting
+                    // earlier would have ended within what is held, and is masked already.
+                    if this.held.len() > this.echoes.carry {
+                        let ready = this.held.len() - this.echoes.carry;
+                        return Poll::Ready(Some(Ok(Frame::data(
+                            this.held.split_to(ready).freeze(),
+                        ))));
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(mut trailers) = frame.into_trailers() {
+                        this.echoes.mask_headers(&mut trailers);
+                        this.trailers = Some(trailers);
+                    }
+                    this.done = true;
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.held.is_empty() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        // Lengths hold: what is left is what the inner body has left plus what is held.
+        let inner = self.inner.size_hint();
+        let held = self.held.len() as u64;
+        let mut hint = SizeHint::new();
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(held));
+        }
+        hint.set_lower(inner.lower().saturating_add(held));
+        hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use http_body_util::{BodyExt, StreamBody};
+
+    fn echoes() -> Arc<Echoes> {
+        Arc::new(Echoes::new(&[b"s3cr3t-token", b"c3ZjOnB3"]).unwrap())
+    }
+
+    async fn masked(chunks: &[&'static [u8]]) -> Vec<u8> {
+        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = chunks
+            .iter()
+            .map(|c| Ok(Frame::data(Bytes::from_static(c))))
+            .collect();
+        let body = StreamBody::new(futures_util::stream::iter(frames));
+        let out = Masked::new(body, echoes()).collect().await.unwrap();
+        out.to_bytes().to_vec()
+    }
+
+    #[tokio::test]
+    async fn echoes_are_masked_across_reads_with_lengths_kept() {
+        let out = masked(&[b"a s3cr3t-to", b"ken b", b"c3Zj", b"OnB3 c"]).await;
+        assert_eq!(out, b"a ************ b ******** c");
+        let out = masked(&[b"s", b"3", b"cr3t-token"]).await;
+        assert_eq!(out, b"************");
+        let plain = masked(&[b"nothing ", b"to see"]).await;
+        assert_eq!(plain, b"nothing to see");
+        assert_eq!(masked(&[]).await, b"");
+    }
+
+    #[test]
+    fn headers_are_masked() {
+        let e = echoes();
+        let mut h = HeaderMap::new();
+        h.insert("x-echo", HeaderValue::from_static("Bearer s3cr3t-token"));
+        h.insert(
+            "set-cookie",
+            HeaderValue::from_static("auth=c3ZjOnB3; Path=/"),
+        );
+        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        e.mask_headers(&mut h);
+        assert_eq!(h["x-echo"], "Bearer ************");
+        assert_eq!(h["set-cookie"], "auth=********; Path=/");
+        assert_eq!(h["content-type"], "text/plain");
+    }
+}
