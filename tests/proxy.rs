@@ -434,7 +434,8 @@ async fn slowloris_is_cut_off_while_others_are_served() {
         .unwrap();
     assert_eq!(resp.status(), 200);
 
-    // Keep dribbling a header byte now and then: the deadline is for the whole head.
+    // Keep dribbling a header byte now and then: the deadline is for the whole head. (The sleep is
+    // the slowloris pace under test, not synchronisation.)
     let mut closed = false;
     for _ in 0..40 {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -488,7 +489,8 @@ async fn keep_alive_connections_idle_longer_than_the_header_deadline() {
     let mut body = vec![0u8; len];
     s.read_exact(&mut body).await.unwrap();
 
-    // Idle past the header deadline (1 s) but within the idle timeout (3 s): still open.
+    // Idle past the header deadline (1 s) but within the idle timeout (3 s): still open. (The
+    // sleep is the idleness under test, not synchronisation.)
     tokio::time::sleep(Duration::from_millis(1800)).await;
     s.write_all(request.as_bytes()).await.unwrap();
     let head = read_head(&mut s).await;
@@ -536,7 +538,11 @@ async fn connections_beyond_the_limit_get_503() {
     .await;
     let _a = TcpStream::connect(proxy.addr).await.unwrap();
     let _b = TcpStream::connect(proxy.addr).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Both accepted (each holds a slot before the gauge counts it).
+    eventually("2 active connections", Duration::from_secs(5), || async {
+        proxy.metric("portcullis_active_connections").await == Some(2.0)
+    })
+    .await;
     let mut c = TcpStream::connect(proxy.addr).await.unwrap();
     let head = read_head(&mut c).await;
     assert!(head.starts_with("HTTP/1.1 503"), "{head}");
@@ -552,22 +558,19 @@ async fn connections_beyond_the_limit_get_503() {
     drop(_a);
     drop(_b);
     // Slots free again once those close.
+    eventually(
+        "0 active connections once the clients closed",
+        Duration::from_secs(5),
+        || async { proxy.metric("portcullis_active_connections").await == Some(0.0) },
+    )
+    .await;
     let client = proxied_client(&proxy.url());
-    let mut ok = false;
-    for _ in 0..50 {
-        if let Ok(r) = client
-            .get(format!("http://up.test:{}/", up.port()))
-            .send()
-            .await
-        {
-            if r.status() == 200 {
-                ok = true;
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(ok, "slots are released");
+    let r = client
+        .get(format!("http://up.test:{}/", up.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "slots are released");
     proxy.stop().await;
 }
 
@@ -613,16 +616,12 @@ async fn graceful_shutdown_lets_open_tunnels_finish() {
         .unwrap();
 
     let proxy_addr = proxy.addr;
-    let admin_addr = proxy.admin;
     proxy.handle.shutdown();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    // Draining: not ready, no new connections.
-    let ready = direct
-        .get(format!("http://{admin_addr}/readyz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 503);
+    // Draining: not ready (the listener is closed before /readyz turns 503), no new connections.
+    eventually("/readyz answers 503", Duration::from_secs(5), || async {
+        proxy.readyz().await == 503
+    })
+    .await;
     assert!(
         TcpStream::connect(proxy_addr).await.is_err(),
         "listener closed"
@@ -673,7 +672,8 @@ async fn server_first_protocols_and_quiet_clients_keep_their_tunnel() {
     let mut banner = [0u8; 16];
     s.read_exact(&mut banner).await.unwrap();
     assert_eq!(&banner, b"SSH-2.0-banner\r\n");
-    // Quiet for longer than the header deadline: the tunnel stays.
+    // Quiet for longer than the header deadline: the tunnel stays. (The sleep is the quiet period
+    // under test, not synchronisation.)
     tokio::time::sleep(Duration::from_millis(1800)).await;
     s.write_all(b"ping").await.unwrap();
     let mut echo = [0u8; 4];

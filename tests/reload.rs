@@ -6,7 +6,7 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -20,6 +20,27 @@ fn rules(up: u16, tls: u16, hosts: &[&str]) -> String {
         text.push_str(&format!("[[hosts]]\nhost = \"{host}\"\nports = [{port}]\n"));
     }
     text
+}
+
+/// The file watcher looks once a second and loads a change once it has been stable for 300 ms:
+/// a load by the watcher shows in the counters within ~1.3 s of a change. Tests that must see
+/// *no* watcher reload watch the counters for longer than that.
+const WATCHER_WINDOW: Duration = Duration::from_millis(2500);
+
+const RELOAD_SUCCESS: &str = "portcullis_config_reloads_total{result=\"success\"}";
+const RELOAD_FAILURE: &str = "portcullis_config_reloads_total{result=\"failure\"}";
+
+/// Both reload counters in a `/metrics` text: (success, failure). A series not exported yet
+/// counts 0.
+fn reload_counts(text: &str) -> (f64, f64) {
+    (
+        metric_value(text, RELOAD_SUCCESS).unwrap_or(0.0),
+        metric_value(text, RELOAD_FAILURE).unwrap_or(0.0),
+    )
+}
+
+async fn reloads(proxy: &TestProxy) -> (f64, f64) {
+    reload_counts(&proxy.metrics().await)
 }
 
 fn write_config(proxy: &TestProxy, body: &str) {
@@ -50,6 +71,7 @@ async fn reload_swaps_rules_without_dropping_an_open_tunnel() {
     // b.test in, a.test and tunnel.test out.
     write_config(&proxy, &rules(up.port(), tls.port(), &["b.test"]));
     proxy.handle.reload().unwrap();
+    assert_eq!(reloads(&proxy).await, (1.0, 0.0), "the explicit reload");
     assert_eq!(get("a.test").await.unwrap().status(), 403);
     assert_eq!(get("b.test").await.unwrap().status(), 200);
     let out = curl(&["-x", &proxy.url(), "-k", &format!("https://{target}/")]).await;
@@ -73,6 +95,14 @@ async fn reload_swaps_rules_without_dropping_an_open_tunnel() {
         metrics.contains("portcullis_config_reloads_total{result=\"success\"} 1"),
         "{metrics}"
     );
+    // The watcher sees the changed file too, but the explicit reload recorded it as loaded: no
+    // second reload, however many polls pass.
+    holds_for(
+        "exactly one reload (the explicit one)",
+        WATCHER_WINDOW,
+        || async { reloads(&proxy).await == (1.0, 0.0) },
+    )
+    .await;
     proxy.stop().await;
 }
 
@@ -97,6 +127,13 @@ async fn a_broken_config_keeps_the_running_rules() {
         metrics.contains("portcullis_config_reloads_total{result=\"failure\"} 2"),
         "{metrics}"
     );
+    // A failed load is recorded too: the watcher does not retry the broken file by itself.
+    holds_for(
+        "exactly the two explicit (failed) reloads",
+        WATCHER_WINDOW,
+        || async { reloads(&proxy).await == (0.0, 2.0) },
+    )
+    .await;
     proxy.stop().await;
 }
 
@@ -126,18 +163,23 @@ async fn a_rotated_secret_file_is_injected_within_seconds() {
     let staged = proxy.dir.path().join("token.new");
     std::fs::write(&staged, "second-token\n").unwrap();
     std::fs::rename(&staged, proxy.dir.path().join("token")).unwrap();
-    let started = Instant::now();
-    loop {
+    eventually("rotation picked up", Duration::from_secs(10), || async {
         client.get(&url).send().await.unwrap();
-        if up.last().header("authorization") == Some("Bearer second-token") {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "rotation not picked up"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        up.last().header("authorization") == Some("Bearer second-token")
+    })
+    .await;
+    // The watcher loaded the change once (the counter is bumped just after the swap), and
+    // recorded it: it does not load it again at its next polls.
+    eventually(
+        "the watcher's reload counted",
+        Duration::from_secs(5),
+        || async { reloads(&proxy).await == (1.0, 0.0) },
+    )
+    .await;
+    holds_for("exactly one reload", WATCHER_WINDOW, || async {
+        reloads(&proxy).await == (1.0, 0.0)
+    })
+    .await;
     proxy.stop().await;
 }
 
@@ -161,14 +203,12 @@ async fn sighup_reloads_and_reopens_the_audit_file() {
     // logrotate: move the file away, then SIGHUP.
     let audit = dir.path().join("audit.log");
     let rotated = dir.path().join("audit.log.1");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while std::fs::read_to_string(&audit)
-        .unwrap_or_default()
-        .is_empty()
-    {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the first audit event", Duration::from_secs(5), || async {
+        !std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .is_empty()
+    })
+    .await;
     std::fs::rename(&audit, &rotated).unwrap();
     std::fs::write(&config, body(&["b.test"])).unwrap();
     Command::new("kill")
@@ -178,6 +218,21 @@ async fn sighup_reloads_and_reopens_the_audit_file() {
     running.wait_for("configuration reloaded");
     assert_eq!(get("a.test").await.unwrap().status(), 403);
     assert_eq!(get("b.test").await.unwrap().status(), 200);
+    // SIGHUP's load is recorded like any other: the watcher does not load the file again.
+    let metrics_url = format!("{}/metrics", running.admin);
+    let direct = reqwest::Client::builder().no_proxy().build().unwrap();
+    holds_for("exactly one reload (SIGHUP's)", WATCHER_WINDOW, || async {
+        let text = direct
+            .get(&metrics_url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        reload_counts(&text) == (1.0, 0.0)
+    })
+    .await;
     assert_eq!(running.child.terminate(Duration::from_secs(20)), Some(0));
 
     let old = std::fs::read_to_string(&rotated).unwrap();
@@ -186,4 +241,58 @@ async fn sighup_reloads_and_reopens_the_audit_file() {
     assert!(old.contains("\"host\":\"a.test\""));
     assert_eq!(new.lines().count(), 2, "{new}");
     assert!(new.contains("\"host\":\"b.test\""));
+}
+
+/// One proxy: `save_after` its start, its config gains a secret file (so the set of watched
+/// files changes), and an explicit reload follows the save by 250 ms — an operator's SIGHUP a
+/// moment after saving. Returns the success count once the watcher had time to (wrongly) load
+/// the change again.
+async fn reload_shortly_after_a_save_that_adds_a_watched_file(save_after: Duration) -> f64 {
+    let up = http_upstream().await;
+    let port = up.port();
+    let hosts = format!(
+        "[network]\nallow_cidrs = [\"127.0.0.0/8\"]\nresolve = {{ \"a.test\" = [\"127.0.0.1\"] }}\n[[hosts]]\nhost = \"a.test\"\nports = [{port}]\n"
+    );
+    let proxy = start_proxy(&hosts).await;
+    std::fs::write(proxy.dir.path().join("token"), "t\n").unwrap();
+    // Not synchronisation: when the save happens relative to the watcher's polls is the scenario.
+    tokio::time::sleep(save_after).await;
+    write_config(
+        &proxy,
+        &format!(
+            "[credentials.t]\nbearer = {{ file = \"token\" }}\n{hosts}credential = \"t\"\nplaintext_credentials = true\n"
+        ),
+    );
+    // Not synchronisation: the delay between the save and the reload is the scenario.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    proxy.handle.reload().unwrap();
+    assert_eq!(reloads(&proxy).await, (1.0, 0.0));
+    let mut last = (1.0, 0.0);
+    // Watch for a second load; stop at the first.
+    let deadline = std::time::Instant::now() + WATCHER_WINDOW;
+    while std::time::Instant::now() < deadline && last == (1.0, 0.0) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        last = reloads(&proxy).await;
+    }
+    proxy.stop().await;
+    last.0
+}
+
+/// Known bug (src/proxy/reload.rs): a watcher poll that saw the save before the explicit reload
+/// compares, after its 300 ms debounce, its fingerprint of the *old* set of watched files with
+/// what the explicit reload recorded for the *new* set; they always differ, so it loads the
+/// change a second time. The watcher's first poll comes ~1 s after the start; the saves are
+/// spread from 0.6 to 0.93 s after the start, so that poll lands between save and reload for
+/// about half of the twelve proxies (and the later polls for none).
+#[tokio::test]
+#[ignore = "fails until the watched-set race in src/proxy/reload.rs is fixed"]
+async fn a_reload_that_changes_the_watched_files_is_not_repeated_by_the_watcher() {
+    let runs = (0..12).map(|i| {
+        reload_shortly_after_a_save_that_adds_a_watched_file(Duration::from_millis(600 + 30 * i))
+    });
+    let counts = futures_util::future::join_all(runs).await;
+    assert!(
+        counts.iter().all(|&c| c == 1.0),
+        "success counts per proxy (1 each expected): {counts:?}"
+    );
 }

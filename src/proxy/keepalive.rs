@@ -219,3 +219,238 @@ const _: fn() = || {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<HeadDeadline>();
 };
+
+#[cfg(test)]
+mod tests {
+    //! The deadlines on tokio's paused clock. hyper computes a head's deadline from the real
+    //! clock (`Timer::now`, `std::time::Instant`), which stands still relative to the paused one
+    //! only up to the few microseconds the test itself takes, so every deadline is computed
+    //! before time is advanced and every check keeps a margin of [`M`].
+    use super::*;
+    use std::task::Waker;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// `header_read_timeout_seconds`.
+    const HEADER: Duration = Duration::from_secs(10);
+    /// `idle_timeout_seconds`.
+    const IDLE: Duration = Duration::from_secs(60);
+    /// Margin around each deadline.
+    const M: Duration = Duration::from_secs(1);
+
+    /// Whether the sleep has fired (one poll, as hyper polls it).
+    fn fired(sleep: &mut Pin<Box<dyn Sleep>>) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        sleep.as_mut().poll(&mut cx).is_ready()
+    }
+
+    /// The paused clock, from the start of a test.
+    struct Clock(tokio::time::Instant);
+
+    impl Clock {
+        fn start() -> Self {
+            Self(tokio::time::Instant::now())
+        }
+
+        /// Advances the paused clock to `at` after the start.
+        async fn at(&self, at: Duration) {
+            let now = tokio::time::Instant::now();
+            let target = self.0 + at;
+            assert!(target >= now, "the clock only moves forward");
+            tokio::time::advance(target - now).await;
+        }
+    }
+
+    /// A timer for a connection whose client side is `client`: what is written there is read
+    /// through a [`CountingIo`] by [`byte_arrives`].
+    fn connection() -> (
+        ConnTimer,
+        tokio::io::DuplexStream,
+        CountingIo<tokio::io::DuplexStream>,
+    ) {
+        let counter = Arc::new(IoCounter::default());
+        let (client, server) = tokio::io::duplex(1024);
+        let io = CountingIo::new(server, counter.clone());
+        (ConnTimer::new(counter, IDLE), client, io)
+    }
+
+    /// The client sends one byte and the connection reads it (as hyper does before polling the
+    /// head's deadline again).
+    async fn byte_arrives(
+        client: &mut tokio::io::DuplexStream,
+        io: &mut CountingIo<tokio::io::DuplexStream>,
+    ) {
+        let before = io.counter.read();
+        client.write_all(b"G").await.unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(io.read(&mut buf).await.unwrap(), 1);
+        assert_eq!(io.counter.read(), before + 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_head_gets_the_header_deadline() {
+        let clock = Clock::start();
+        // A client that connects and sends nothing …
+        let (silent, _client, _io) = connection();
+        let mut silent = silent.sleep_until(Instant::now() + HEADER);
+        // … and one that starts its head late: the deadline counts from the connection.
+        let (timer, mut client, mut io) = connection();
+        let mut late = timer.sleep_until(Instant::now() + HEADER);
+        assert!(!fired(&mut silent));
+        assert!(!fired(&mut late));
+        clock.at(HEADER / 2).await;
+        byte_arrives(&mut client, &mut io).await;
+        assert!(!fired(&mut late));
+        clock.at(HEADER - M).await;
+        assert!(!fired(&mut silent), "fired before the header deadline");
+        assert!(!fired(&mut late), "fired before the header deadline");
+        clock.at(HEADER + M).await;
+        assert!(
+            fired(&mut silent),
+            "a silent first connection is cut at the header deadline"
+        );
+        assert!(
+            fired(&mut late),
+            "a late first byte does not restart the header deadline"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_later_head_waits_for_the_idle_deadline_while_no_byte_arrives() {
+        let clock = Clock::start();
+        let (timer, _client, _io) = connection();
+        drop(timer.sleep_until(Instant::now() + HEADER));
+        // The next request on the kept-alive connection.
+        let mut head = timer.sleep_until(Instant::now() + HEADER);
+        clock.at(HEADER + M).await;
+        assert!(
+            !fired(&mut head),
+            "an idle keep-alive connection got the header deadline"
+        );
+        clock.at(IDLE - M).await;
+        assert!(!fired(&mut head), "fired before the idle deadline");
+        clock.at(IDLE + M).await;
+        assert!(fired(&mut head), "the idle deadline passed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_byte_switches_a_later_head_to_the_header_deadline_from_then() {
+        let clock = Clock::start();
+        let (timer, mut client, mut io) = connection();
+        drop(timer.sleep_until(Instant::now() + HEADER));
+        let mut head = timer.sleep_until(Instant::now() + HEADER);
+        let arrival = Duration::from_secs(20);
+        clock.at(arrival).await;
+        assert!(!fired(&mut head), "still idle, past the header deadline");
+        byte_arrives(&mut client, &mut io).await;
+        assert!(!fired(&mut head), "the header deadline starts at the byte");
+        clock.at(arrival + HEADER - M).await;
+        assert!(
+            !fired(&mut head),
+            "fired before the header deadline from the byte"
+        );
+        clock.at(arrival + HEADER + M).await;
+        assert!(
+            fired(&mut head),
+            "the head was not complete a header deadline after its first byte"
+        );
+        assert!(arrival + HEADER + M < IDLE, "well before the idle deadline");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn more_bytes_do_not_extend_the_header_deadline() {
+        let clock = Clock::start();
+        let (timer, mut client, mut io) = connection();
+        drop(timer.sleep_until(Instant::now() + HEADER));
+        let mut head = timer.sleep_until(Instant::now() + HEADER);
+        byte_arrives(&mut client, &mut io).await;
+        assert!(!fired(&mut head));
+        // A slowloris dribbling bytes: the deadline stays where the first byte put it.
+        for second in 1..10 {
+            clock.at(Duration::from_secs(second)).await;
+            byte_arrives(&mut client, &mut io).await;
+            assert!(!fired(&mut head));
+        }
+        clock.at(HEADER + M).await;
+        assert!(
+            fired(&mut head),
+            "the header deadline is from the first byte"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_later_head_never_gets_less_than_the_header_deadline() {
+        let clock = Clock::start();
+        let counter = Arc::new(IoCounter::default());
+        let short_idle = HEADER / 2;
+        let timer = ConnTimer::new(counter, short_idle);
+        drop(timer.sleep_until(Instant::now() + HEADER));
+        let mut head = timer.sleep_until(Instant::now() + HEADER);
+        clock.at(short_idle + M).await;
+        assert!(
+            !fired(&mut head),
+            "an idle timeout shorter than the header deadline"
+        );
+        clock.at(HEADER + M).await;
+        assert!(fired(&mut head));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reset_moves_the_deadline() {
+        let clock = Clock::start();
+        let start = Instant::now();
+        let later = Duration::from_secs(30);
+        let sooner = Duration::from_secs(5);
+
+        // A first head, pushed later.
+        let (timer, _client, _io) = connection();
+        let mut first = timer.sleep_until(start + HEADER);
+        timer.reset(&mut first, start + later);
+
+        // A later head (idle phase), pulled in: a reset deadline is a header deadline.
+        let (timer, mut client, mut io) = connection();
+        drop(timer.sleep_until(start + HEADER));
+        let mut idle = timer.sleep_until(start + HEADER);
+        timer.reset(&mut idle, start + sooner);
+
+        clock.at(sooner - M).await;
+        assert!(!fired(&mut first));
+        assert!(!fired(&mut idle));
+        // A byte now no longer restarts anything.
+        byte_arrives(&mut client, &mut io).await;
+        clock.at(sooner + M).await;
+        assert!(fired(&mut idle), "reset to 5 s");
+        assert!(!fired(&mut first));
+        clock.at(HEADER + M).await;
+        assert!(
+            !fired(&mut first),
+            "still at the old deadline after a reset"
+        );
+        clock.at(later - M).await;
+        assert!(!fired(&mut first));
+        clock.at(later + M).await;
+        assert!(fired(&mut first), "reset to 30 s");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_plain_sleep_fires_after_its_duration() {
+        let clock = Clock::start();
+        let (timer, _client, _io) = connection();
+        let mut sleep = timer.sleep(HEADER);
+        clock.at(HEADER - M).await;
+        assert!(!fired(&mut sleep));
+        clock.at(HEADER + M).await;
+        assert!(fired(&mut sleep));
+    }
+
+    #[tokio::test]
+    async fn counting_io_counts_both_ways() {
+        let counter = Arc::new(IoCounter::default());
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut io = CountingIo::new(server, counter.clone());
+        client.write_all(b"hello").await.unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(io.read(&mut buf).await.unwrap(), 5);
+        io.write_all(b"hi").await.unwrap();
+        assert_eq!((counter.read(), counter.written()), (5, 2));
+    }
+}

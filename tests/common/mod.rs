@@ -64,9 +64,45 @@ impl TestProxy {
             .unwrap()
     }
 
+    /// The value of one series on `/metrics`, named as exposed, labels included (e.g.
+    /// `portcullis_active_connections`, `portcullis_config_reloads_total{result="success"}`);
+    /// `None` when the series is not there.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        metric_value(&self.metrics().await, series)
+    }
+
+    /// `GET /readyz` on the admin listener: its status code.
+    pub async fn readyz(&self) -> u16 {
+        reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .get(format!("http://{}/readyz", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
     /// `http://127.0.0.1:PORT` of the proxy listener.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Waits (up to 30 s) for a proxy whose shutdown has begun to stop, then returns its audit
+    /// events: all of them are written by then.
+    pub async fn wait_stopped(self) -> Vec<serde_json::Value> {
+        let TestProxy { handle, dir, .. } = self;
+        tokio::time::timeout(Duration::from_secs(30), handle.wait())
+            .await
+            .expect("proxy stops in time")
+            .expect("proxy stops cleanly");
+        std::fs::read_to_string(dir.path().join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each audit line is JSON"))
+            .collect()
     }
 
     /// Stops the proxy and waits for it.
@@ -76,6 +112,64 @@ impl TestProxy {
             .await
             .expect("proxy stops in time")
             .expect("proxy stops cleanly");
+    }
+}
+
+/// The value of `series` (name and labels exactly as exposed) in a Prometheus text exposition.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        if name == series {
+            value.parse().ok()
+        } else {
+            None
+        }
+    })
+}
+
+/// How often [`eventually`] and [`holds_for`] look.
+const POLL_EVERY: Duration = Duration::from_millis(20);
+
+/// Polls `check` every 20 ms until it is true. Panics naming `what` when `deadline` passes first
+/// (a check still running at the deadline is abandoned). The way tests wait for something to
+/// have happened — never a fixed sleep.
+pub async fn eventually<F, Fut>(what: &str, deadline: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    loop {
+        let left = deadline.saturating_sub(started.elapsed());
+        if let Ok(true) = tokio::time::timeout(left.max(POLL_EVERY), check()).await {
+            return;
+        }
+        if started.elapsed() >= deadline {
+            panic!("still waiting after {deadline:?} for {what}");
+        }
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+/// Polls `check` every 20 ms for `window` and panics naming `what` the first time it is false.
+/// For what must *not* happen (a second reload, …): there is no event to wait for, so the test
+/// watches for as long as the thing would take to show up.
+pub async fn holds_for<F, Fut>(what: &str, window: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    loop {
+        assert!(
+            check().await,
+            "{what}: no longer true after {:?}",
+            started.elapsed()
+        );
+        if started.elapsed() >= window {
+            return;
+        }
+        tokio::time::sleep(POLL_EVERY).await;
     }
 }
 
@@ -424,9 +518,13 @@ pub async fn tls_upstream_with(names: &[&str], files: Option<StaticFiles>) -> Up
 
 /// Root store trusting a TLS upstream's test CA.
 pub fn roots_for(up: &Upstream) -> Arc<rustls::RootCertStore> {
+    roots_from_pem(up.ca_pem.as_ref().expect("TLS upstream"))
+}
+
+/// Root store trusting the certificates in `pem` (e.g. the proxy's interception CA).
+pub fn roots_from_pem(pem: &str) -> Arc<rustls::RootCertStore> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
-    let pem = up.ca_pem.as_ref().expect("TLS upstream");
     for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
         roots.add(cert.unwrap()).unwrap();
     }
@@ -611,7 +709,8 @@ pub async fn connect_through(proxy: &TestProxy, target: &str) -> tokio::net::Tcp
     s
 }
 
-pub async fn read_head(s: &mut tokio::net::TcpStream) -> String {
+/// Reads a response head (up to the blank line), byte by byte so nothing after it is consumed.
+pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
     let mut buf = Vec::new();
     let mut byte = [0u8; 1];
     while !buf.ends_with(b"\r\n\r\n") {

@@ -1,0 +1,273 @@
+//! Shutdown over real sockets: tunnels still open when the grace period ends are cut, and their
+//! audit events say so and keep the bytes they moved (counted on the client side, outside the
+//! relay that is cut).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What `TunnelEnd::Shutdown` writes into the tunnel's audit event (src/proxy/tunnel.rs).
+const CUT: &str = "cut at shutdown";
+
+/// An upstream that echoes every byte back.
+async fn echo_upstream() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    port
+}
+
+/// Sends `n` bytes (plain text, so not taken for a ClientHello) through the tunnel `s` and reads
+/// them back.
+async fn echo_through(s: &mut TcpStream, n: usize) {
+    let data: Vec<u8> = (0..n).map(|i| b'a' + (i % 26) as u8).collect();
+    let mut back = vec![0u8; n];
+    let (mut r, mut w) = s.split();
+    let (wrote, read) = tokio::join!(
+        w.write_all(&data),
+        tokio::time::timeout(Duration::from_secs(10), r.read_exact(&mut back))
+    );
+    wrote.unwrap();
+    read.expect("echo in time").unwrap();
+    assert!(back == data, "the tunnel carries the bytes unchanged");
+}
+
+/// Reads from `s` until the peer closes or fails (a cut tunnel), for up to 10 s.
+async fn expect_closed<S: AsyncRead + Unpin>(s: &mut S) {
+    let mut buf = [0u8; 4096];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the tunnel is closed once the proxy stopped"
+    );
+}
+
+/// The one `tunnel` event among `events`.
+fn tunnel_event(events: &[serde_json::Value]) -> &serde_json::Value {
+    let tunnels: Vec<_> = events.iter().filter(|e| e["kind"] == "tunnel").collect();
+    assert_eq!(tunnels.len(), 1, "one tunnel event: {events:?}");
+    tunnels[0]
+}
+
+/// Begins shutdown, checks the proxy drains (not ready), and returns when it has stopped: its
+/// audit events, and how long the stop took.
+async fn shut_down(proxy: TestProxy) -> (Vec<serde_json::Value>, Duration) {
+    let started = Instant::now();
+    proxy.handle.shutdown();
+    eventually("/readyz answers 503", Duration::from_secs(5), || async {
+        proxy.readyz().await == 503
+    })
+    .await;
+    let events = proxy.wait_stopped().await;
+    (events, started.elapsed())
+}
+
+#[tokio::test]
+async fn a_tunnel_cut_at_shutdown_keeps_its_byte_counts() {
+    let port = echo_upstream().await;
+    let proxy = start_proxy(&format!(
+        "[limits]\nshutdown_grace_seconds = 1\n[network]\nallow_cidrs = [\"127.0.0.0/8\"]\nresolve = {{ \"echo.test\" = [\"127.0.0.1\"] }}\n[[hosts]]\nhost = \"echo.test\"\nports = [{port}]\n"
+    ))
+    .await;
+    let mut s = connect_through(&proxy, &format!("echo.test:{port}")).await;
+    echo_through(&mut s, 100_000).await;
+
+    let started = Instant::now();
+    proxy.handle.shutdown();
+    eventually("/readyz answers 503", Duration::from_secs(5), || async {
+        proxy.readyz().await == 503
+    })
+    .await;
+    // Draining: the open tunnel still carries traffic until the grace period ends.
+    echo_through(&mut s, 5_000).await;
+    let events = proxy.wait_stopped().await;
+    let stopped = started.elapsed();
+    assert!(
+        stopped >= Duration::from_millis(900),
+        "the tunnel was given the grace period (1 s): stopped after {stopped:?}"
+    );
+    assert!(stopped < Duration::from_secs(10), "{stopped:?}");
+    expect_closed(&mut s).await;
+
+    let tunnel = tunnel_event(&events);
+    assert_eq!(tunnel["host"], "echo.test", "{tunnel}");
+    assert_eq!(tunnel["status"], 200, "{tunnel}");
+    assert_eq!(tunnel["error"], CUT, "{tunnel}");
+    // Exactly what the client sent and got back: the counts survive the cut.
+    assert_eq!(tunnel["bytes_sent"], 105_000, "{tunnel}");
+    assert_eq!(tunnel["bytes_received"], 105_000, "{tunnel}");
+}
+
+/// Writes `data` to `s` and flushes it (TLS: the records go out now).
+async fn send<S: AsyncWrite + Unpin>(s: &mut S, data: &[u8]) {
+    s.write_all(data).await.unwrap();
+    s.flush().await.unwrap();
+}
+
+/// An intercepted tunnel opened by [`busy_intercepted_tunnel`], busy with a request in flight.
+struct Busy {
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+    /// The client's address, as the tunnel's audit event names it (`peer`).
+    peer: String,
+    /// Plaintext bytes sent and received inside; TLS only adds to them on the wire.
+    sent: usize,
+    received: usize,
+}
+
+/// Opens an intercepted tunnel to `secure.test:port`, completes one HTTP/1.1 exchange inside,
+/// then leaves a second request in flight: its body is announced but only partly sent, so the
+/// connection inside is busy when shutdown begins and is cut when the grace period ends.
+async fn busy_intercepted_tunnel(proxy: &TestProxy, port: u16, roots: &RootStore) -> Busy {
+    let s = connect_through(proxy, &format!("secure.test:{port}")).await;
+    let peer = s.local_addr().unwrap().to_string();
+    let mut tls = tls_connect(s, roots.clone(), "secure.test")
+        .await
+        .expect("the client trusts the proxy's leaf");
+
+    let first = format!("GET /stream/1000 HTTP/1.1\r\nHost: secure.test:{port}\r\n\r\n");
+    send(&mut tls, first.as_bytes()).await;
+    let head = read_head(&mut tls).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut body = vec![0u8; 1000];
+    tls.read_exact(&mut body).await.unwrap();
+    let mut sent = first.len();
+    let mut received = head.len() + body.len();
+
+    let second = format!(
+        "POST /echo HTTP/1.1\r\nHost: secure.test:{port}\r\nContent-Length: 1000000\r\n\r\n"
+    );
+    send(&mut tls, second.as_bytes()).await;
+    send(&mut tls, &[b'z'; 20_000]).await;
+    sent += second.len() + 20_000;
+    // The upstream answers at once and streams the body back as it arrives: once the echo is
+    // here, the request is in flight through the proxy.
+    let head = read_head(&mut tls).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    received += head.len();
+    let mut echoed = 0;
+    let mut buf = [0u8; 4096];
+    while echoed < 20_000 {
+        let n = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf))
+            .await
+            .expect("echo in time")
+            .unwrap();
+        assert!(n > 0, "tunnel closed before the echo came back");
+        // Chunk-size lines are hex digits and CRLF: only the payload is `z`.
+        echoed += buf[..n].iter().filter(|&&b| b == b'z').count();
+        received += n;
+    }
+    Busy {
+        tls,
+        peer,
+        sent,
+        received,
+    }
+}
+
+type RootStore = std::sync::Arc<rustls::RootCertStore>;
+
+/// A proxy intercepting `secure.test` (a TLS upstream) with a 1 s grace period, and `n` busy
+/// intercepted tunnels through it. Shuts it down and returns, per tunnel, its audit event and the
+/// plaintext bytes it moved, once the proxy stopped (after the grace period).
+async fn cut_intercepted_tunnels(n: usize) -> Vec<(serde_json::Value, usize, usize)> {
+    let up = tls_upstream(&["secure.test"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    up.write_ca(dir.path(), "upstream-ca.pem");
+    let port = up.port();
+    let proxy = start_proxy_in(
+        dir,
+        &format!(
+            "[limits]\nshutdown_grace_seconds = 1\n[tls]\nextra_upstream_ca = [\"upstream-ca.pem\"]\n[network]\nallow_cidrs = [\"127.0.0.0/8\"]\nresolve = {{ \"secure.test\" = [\"127.0.0.1\"] }}\n[[hosts]]\nhost = \"secure.test\"\nports = [{port}]\nintercept = \"always\"\n"
+        ),
+    )
+    .await;
+    let proxy_ca = std::fs::read_to_string(proxy.dir.path().join("state/ca.pem")).unwrap();
+    let roots = roots_from_pem(&proxy_ca);
+    let mut tunnels = Vec::new();
+    for _ in 0..n {
+        tunnels.push(busy_intercepted_tunnel(&proxy, port, &roots).await);
+    }
+    assert_eq!(up.count(), 2 * n, "every request reached the upstream");
+
+    let (events, stopped) = shut_down(proxy).await;
+    assert!(
+        stopped >= Duration::from_millis(900),
+        "requests in flight were given the grace period (1 s): stopped after {stopped:?}"
+    );
+    assert!(stopped < Duration::from_secs(10), "{stopped:?}");
+    let tunnel_events: Vec<_> = events.iter().filter(|e| e["kind"] == "tunnel").collect();
+    assert_eq!(tunnel_events.len(), n, "one event per tunnel: {events:?}");
+    let mut out = Vec::new();
+    for mut busy in tunnels {
+        expect_closed(&mut busy.tls).await;
+        let event = tunnel_events
+            .iter()
+            .find(|e| e["peer"] == busy.peer.as_str())
+            .unwrap_or_else(|| panic!("no tunnel event for {}: {events:?}", busy.peer));
+        out.push(((*event).clone(), busy.sent, busy.received));
+    }
+    out
+}
+
+#[tokio::test]
+async fn an_intercepted_tunnel_cut_at_shutdown_keeps_its_byte_counts() {
+    let cut = cut_intercepted_tunnels(1).await;
+    let (tunnel, sent, received) = &cut[0];
+    assert_eq!(tunnel["host"], "secure.test", "{tunnel}");
+    assert_eq!(tunnel["intercepted"], true, "{tunnel}");
+    assert_eq!(tunnel["status"], 200, "{tunnel}");
+    let (bytes_sent, bytes_received) = (
+        tunnel["bytes_sent"].as_u64().unwrap(),
+        tunnel["bytes_received"].as_u64().unwrap(),
+    );
+    assert!(
+        bytes_sent >= *sent as u64,
+        "bytes_sent {bytes_sent} < {sent} plaintext bytes sent: {tunnel}"
+    );
+    assert!(
+        bytes_received >= *received as u64,
+        "bytes_received {bytes_received} < {received} plaintext bytes received: {tunnel}"
+    );
+}
+
+/// Known bug (src/proxy/connect.rs): when the grace period ends, the tunnel task's `select!`
+/// between the intercepted connection and `hard_stop` has both branches ready —
+/// `State::drive` inside `intercept::serve` also returns `Ok(())` on `hard_stop` — and picks one
+/// at random, so about half of the cut intercepted tunnels are logged with `"error": null`.
+/// Eight tunnels make a run with the bug fail all but ~1% of the time.
+#[tokio::test]
+#[ignore = "fails until the hard-stop race in src/proxy/connect.rs is fixed"]
+async fn intercepted_tunnels_cut_at_shutdown_say_so() {
+    let cut = cut_intercepted_tunnels(8).await;
+    let wrong: Vec<_> = cut
+        .iter()
+        .map(|(tunnel, _, _)| &tunnel["error"])
+        .filter(|error| *error != CUT)
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {} cut tunnels not logged as {CUT:?}: {wrong:?}",
+        wrong.len(),
+        cut.len()
+    );
+}
