@@ -285,7 +285,6 @@ async fn reload_shortly_after_a_save_that_adds_a_watched_file(save_after: Durati
 /// spread from 0.6 to 0.93 s after the start, so that poll lands between save and reload for
 /// about half of the twelve proxies (and the later polls for none).
 #[tokio::test]
-#[ignore = "fails until the watched-set race in src/proxy/reload.rs is fixed"]
 async fn a_reload_that_changes_the_watched_files_is_not_repeated_by_the_watcher() {
     let runs = (0..12).map(|i| {
         reload_shortly_after_a_save_that_adds_a_watched_file(Duration::from_millis(600 + 30 * i))

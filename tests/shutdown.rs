@@ -256,7 +256,6 @@ async fn an_intercepted_tunnel_cut_at_shutdown_keeps_its_byte_counts() {
 /// at random, so about half of the cut intercepted tunnels are logged with `"error": null`.
 /// Eight tunnels make a run with the bug fail all but ~1% of the time.
 #[tokio::test]
-#[ignore = "fails until the hard-stop race in src/proxy/connect.rs is fixed"]
 async fn intercepted_tunnels_cut_at_shutdown_say_so() {
     let cut = cut_intercepted_tunnels(8).await;
     let wrong: Vec<_> = cut

@@ -186,7 +186,7 @@ mod tests {
     #[tokio::test]
     async fn echoes_are_masked_across_reads_with_lengths_kept() {
         let out = masked(&[b"a s3cr3t-to", b"ken b", b"c3Zj", b"OnB3 c"]).await;
-        assert_eq!(out, b"a ************ b ******** c");
+        assert_eq!(out, b"a ************ b******** c");
         let out = masked(&[b"s", b"3", b"cr3t-token"]).await;
         assert_eq!(out, b"************");
         let plain = masked(&[b"nothing ", b"to see"]).await;

@@ -145,9 +145,12 @@ pub fn start(
                 }
             }
         };
+        // The hard stop first: at the end of the grace period the work may finish in the same
+        // instant (an intercepted connection returns when it is cut), and it was still cut.
         let error = tokio::select! {
-            error = work => error,
+            biased;
             () = stop.cancelled() => Some(TunnelEnd::Shutdown.as_str().to_owned()),
+            error = work => error,
         };
         let (up, down) = (counter.read(), counter.written());
         record.finish_tunnel(&telemetry, up, down, error);

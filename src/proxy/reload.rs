@@ -66,10 +66,13 @@ impl Reloader {
         self.load(&mut loaded)
     }
 
-    /// Reloads only if the watched files differ from `seen` and from what the last load saw.
+    /// Reloads only if the watched files still look as `seen` and differ from what the last load
+    /// saw. (A load in between may have changed which files are watched: then `seen`, taken over
+    /// the old list, is stale, and the next poll decides.)
     fn reload_if_changed(&self, seen: &Fingerprint) {
         let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
-        if *loaded != *seen {
+        let current = fingerprint(&watched(&self.state.snapshot().config));
+        if current == *seen && *loaded != current {
             tracing::info!("a watched file changed: reloading");
             let _ = self.load(&mut loaded);
         }
