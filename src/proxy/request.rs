@@ -144,7 +144,7 @@ pub async fn handle(
     record: &mut Record,
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, incoming) = req.into_parts();
-    let admitted = match admit(conn, snap, identity, origin, &mut parts, record) {
+    let admitted = match admit(snap, identity, origin, &mut parts, record) {
         Ok(admitted) => admitted,
         Err(err) => {
             body::discard(incoming).await;
@@ -171,7 +171,6 @@ pub async fn handle(
 
 /// Everything decided before any I/O: one form, precheck, policy, the plain-http guard.
 fn admit<'a, 's>(
-    conn: &ConnCtx,
     snap: &'s Snapshot,
     identity: &Identity,
     origin: Origin<'a>,
@@ -207,7 +206,7 @@ fn admit<'a, 's>(
         client: &identity.name,
     };
     let verdict = policy::judge(&snap.config.rules, &facts, identity.mode);
-    let rule = outcome::admit(&conn.state.telemetry, record, verdict)?;
+    let rule = outcome::admit(record, verdict)?;
     let plain_http = parts.uri.scheme() == Some(&Scheme::HTTP);
     if let Some(rule) = rule {
         if plain_http && rule.credential.is_some() && !rule.plaintext_credentials {
