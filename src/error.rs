@@ -119,6 +119,30 @@ pub struct Class {
     pub upstream: Option<&'static str>,
 }
 
+/// Every `reason` label `portcullis_denials_total` can carry: the reason of each refusal in the
+/// table ([`Class::denial`]), policy denials ([`Denial::code`]) included, and `overloaded`, which
+/// the listener counts for a connection refused at the limit before any request is read. The
+/// metric exports each at 0 from the start (spec §8), so `increase()` and alerts see the first
+/// denial; the tests hold this list to the table in both directions.
+pub const DENIAL_REASONS: [&str; 12] = [
+    "bad_request",
+    "origin_form",
+    "method_not_allowed",
+    "no_rule",
+    "port_not_allowed",
+    "path_not_allowed",
+    "plaintext_credential",
+    "destination_prohibited",
+    "misdirected",
+    "proxy_auth_required",
+    "loop",
+    "overloaded",
+];
+
+/// Every `kind` label of `portcullis_upstream_errors_total` ([`Class::upstream`]), exported at 0
+/// from the start like [`DENIAL_REASONS`]; the tests hold it to the table.
+pub const UPSTREAM_KINDS: [&str; 5] = ["dns", "connect", "tls", "timeout", "reset"];
+
 const REQUEST_ERROR: &str = "http_request_error";
 const REQUEST_DENIED: &str = "http_request_denied";
 const UNAVAILABLE: &str = "destination_unavailable";
@@ -348,6 +372,142 @@ mod tests {
         for (err, status, kind) in cases {
             assert_eq!(err.class().status.as_u16(), status, "{err}");
             assert_eq!(err.class().proxy_status, kind, "{err}");
+        }
+    }
+
+    /// One error of every variant, every policy denial among them. The exhaustive matches make a
+    /// new variant a compile error here until it has a sample, so the label lists below cannot
+    /// silently miss its reason.
+    fn samples() -> Vec<ProxyError> {
+        let host = || "h.test".to_owned();
+        let denials = [
+            Denial::NoRule { host: host() },
+            Denial::Port {
+                host: host(),
+                port: 8080,
+            },
+            Denial::Method {
+                host: host(),
+                method: "POST".into(),
+            },
+            Denial::Path {
+                host: host(),
+                path: "/x".into(),
+            },
+            Denial::PlaintextCredential { host: host() },
+        ];
+        let mut covered = [false; 5];
+        for d in &denials {
+            covered[match d {
+                Denial::NoRule { .. } => 0,
+                Denial::Port { .. } => 1,
+                Denial::Method { .. } => 2,
+                Denial::Path { .. } => 3,
+                Denial::PlaintextCredential { .. } => 4,
+            }] = true;
+        }
+        assert!(covered.iter().all(|c| *c), "a Denial variant has no sample");
+        let mut errors: Vec<ProxyError> = denials.into_iter().map(ProxyError::Denied).collect();
+        errors.extend([
+            ProxyError::BadRequest("x".into()),
+            ProxyError::OriginForm,
+            ProxyError::MethodNotAllowed("TRACE".into()),
+            ProxyError::Prohibited {
+                host: host(),
+                addr: std::net::IpAddr::from([10, 0, 0, 1]),
+                why: Prohibited::Private,
+            },
+            ProxyError::Dns {
+                host: host(),
+                source: ResolveError::NotFound,
+            },
+            ProxyError::Unavailable {
+                host: host(),
+                reason: "refused".into(),
+            },
+            ProxyError::UpstreamReset { host: host() },
+            ProxyError::UpstreamTls {
+                host: host(),
+                reason: "bad".into(),
+            },
+            ProxyError::Timeout {
+                host: host(),
+                stage: "connect",
+            },
+            ProxyError::Internal("x".into()),
+            ProxyError::Overloaded,
+            ProxyError::Draining,
+            ProxyError::Loop,
+            ProxyError::ProxyAuthRequired("x".into()),
+            ProxyError::Misdirected {
+                inner: "a".into(),
+                tunnel: "b".into(),
+            },
+        ]);
+        let mut covered = [false; 16];
+        for e in &errors {
+            covered[match e {
+                ProxyError::BadRequest(_) => 0,
+                ProxyError::OriginForm => 1,
+                ProxyError::MethodNotAllowed(_) => 2,
+                ProxyError::Denied(_) => 3,
+                ProxyError::Prohibited { .. } => 4,
+                ProxyError::Dns { .. } => 5,
+                ProxyError::Unavailable { .. } => 6,
+                ProxyError::UpstreamReset { .. } => 7,
+                ProxyError::UpstreamTls { .. } => 8,
+                ProxyError::Timeout { .. } => 9,
+                ProxyError::Internal(_) => 10,
+                ProxyError::Overloaded => 11,
+                ProxyError::Draining => 12,
+                ProxyError::Loop => 13,
+                ProxyError::ProxyAuthRequired(_) => 14,
+                ProxyError::Misdirected { .. } => 15,
+            }] = true;
+        }
+        assert!(
+            covered.iter().all(|c| *c),
+            "a ProxyError variant has no sample"
+        );
+        errors
+    }
+
+    #[test]
+    fn denial_reasons_are_exactly_the_reasons_of_refusals() {
+        // What the denial metric is counted with: a refusal's reason (outcome), and the
+        // listener's count of connections refused at the limit.
+        let mut counted: Vec<&str> = samples()
+            .iter()
+            .map(ProxyError::class)
+            .filter(|c| c.denial)
+            .map(|c| c.reason)
+            .collect();
+        counted.push(ProxyError::Overloaded.class().reason);
+        for reason in &counted {
+            assert!(
+                DENIAL_REASONS.contains(reason),
+                "{reason} not in DENIAL_REASONS"
+            );
+        }
+        for reason in DENIAL_REASONS {
+            assert!(counted.contains(&reason), "{reason} is never counted");
+        }
+    }
+
+    #[test]
+    fn upstream_kinds_are_exactly_the_kinds_of_the_table() {
+        let kinds: Vec<&str> = samples()
+            .iter()
+            .filter_map(|e| e.class().upstream)
+            .collect();
+        for kind in &kinds {
+            assert!(
+                UPSTREAM_KINDS.contains(kind),
+                "{kind} not in UPSTREAM_KINDS"
+            );
+        }
+        for kind in UPSTREAM_KINDS {
+            assert!(kinds.contains(&kind), "{kind} is in no row of the table");
         }
     }
 

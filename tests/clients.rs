@@ -277,6 +277,14 @@ ports = [{port}]
         metrics.contains("decision=\"would_deny\",method=\"GET\",rule=\"none\"} 1"),
         "{metrics}"
     );
+    // A would-be denial is not a denial (no denial-spike alert for a report-mode rollout); the
+    // refusal destination safety still makes is.
+    for line in [
+        "portcullis_denials_total{reason=\"no_rule\"} 0",
+        "portcullis_denials_total{reason=\"destination_prohibited\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}:\n{metrics}");
+    }
     proxy.stop().await;
 }
 

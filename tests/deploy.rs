@@ -326,6 +326,38 @@ fn json_strings<'a>(value: &'a serde_json::Value, key: &str, out: &mut Vec<&'a s
     }
 }
 
+const REQUESTS: &str = "portcullis_requests_total";
+const TUNNELS: &str = "portcullis_tunnels_total";
+
+/// Why an expression that counts requests must count tunnels too, and how: a deployment may have
+/// only tunnels (no request series at all). Both families must be in the expression, joined by
+/// `or` inside the aggregation: `sum(a) + sum(b)` is empty, so no data and no alert, when `a`
+/// has no series.
+fn assert_counts_tunnels_with_requests(expr: &str, where_: &str) {
+    let names = metric_names(expr);
+    if !names.iter().any(|n| n == REQUESTS) {
+        return;
+    }
+    assert!(
+        names.iter().any(|n| n == TUNNELS),
+        "{where_}: counts {REQUESTS} but not {TUNNELS}: {expr}"
+    );
+    assert_joined_by_or(expr, where_);
+}
+
+/// Between the two families there is an `or` and no `+` (see
+/// [`assert_counts_tunnels_with_requests`]).
+fn assert_joined_by_or(expr: &str, where_: &str) {
+    let (Some(r), Some(t)) = (expr.find(REQUESTS), expr.find(TUNNELS)) else {
+        return;
+    };
+    let between = &expr[r.min(t)..r.max(t)];
+    assert!(
+        between.contains(" or ") && !between.contains('+'),
+        "{where_}: requests and tunnels must be joined by `or` inside one sum, not added: {expr}"
+    );
+}
+
 // -------------------------------------------------------------------------------------------------
 
 #[test]
@@ -580,6 +612,7 @@ fn alert_rules_are_complete_and_use_exported_metrics() {
                 );
             }
             metrics += assert_exported(expr, &format!("alert {name}"));
+            assert_counts_tunnels_with_requests(expr, &format!("alert {name}"));
             alerts.insert(name);
         }
     }
@@ -625,6 +658,23 @@ fn dashboard_is_valid_and_uses_exported_metrics() {
         assert_exported(expr, "dashboard");
         used.extend(metric_names(expr));
     }
+    // A panel that shows requests shows tunnels too (in the same query or another of the panel),
+    // so it is not blank in a tunnel-only deployment; one query holding both joins them by `or`.
+    for panel in panels {
+        let title = panel["title"].as_str().unwrap_or_default();
+        let mut queries = Vec::new();
+        json_strings(panel, "expr", &mut queries);
+        let names: Vec<String> = queries.iter().flat_map(|q| metric_names(q)).collect();
+        if names.iter().any(|n| n == REQUESTS) {
+            assert!(
+                names.iter().any(|n| n == TUNNELS),
+                "panel {title}: shows {REQUESTS} but not {TUNNELS}"
+            );
+        }
+        for query in queries {
+            assert_joined_by_or(query, &format!("panel {title}"));
+        }
+    }
     // Variable queries (label_values(...)) too.
     let mut definitions = Vec::new();
     json_strings(&dashboard, "definition", &mut definitions);
@@ -635,6 +685,125 @@ fn dashboard_is_valid_and_uses_exported_metrics() {
     for name in portcullis::telemetry::EXPORTED {
         assert!(used.contains(name), "the dashboard does not show {name}");
     }
+}
+
+#[test]
+fn tunnels_are_counted_with_requests_and_joined_by_or() {
+    let ok =
+        "sum by (job) (rate(portcullis_requests_total[5m]) or rate(portcullis_tunnels_total[5m]))";
+    assert_counts_tunnels_with_requests(ok, "ok");
+    assert_counts_tunnels_with_requests("sum(rate(portcullis_tunnels_total[5m]))", "tunnels only");
+    for bad in [
+        "sum(rate(portcullis_requests_total[5m]))",
+        "sum(rate(portcullis_requests_total[5m])) + sum(rate(portcullis_tunnels_total[5m]))",
+    ] {
+        let caught = std::panic::catch_unwind(|| assert_counts_tunnels_with_requests(bad, "bad"));
+        assert!(caught.is_err(), "not caught: {bad}");
+    }
+}
+
+/// The unit tests of the alert rules (`promtool test rules`, run by `.ci/run`) load the rules
+/// shipped here, test the alerts issue 11 was about, and feed them series as a tunnel-only proxy
+/// exports them: exported families, no request series, label values the proxy can produce.
+#[test]
+fn alert_unit_tests_cover_the_tunnel_only_alerts_with_exported_series() {
+    let docs = load_yaml(&deploy("prometheus/alerts_test.yml"));
+    assert_eq!(docs.len(), 1);
+    let files: Vec<&str> = vec_of(&docs[0]["rule_files"], "rule_files")
+        .iter()
+        .map(|f| str_of(f, "rule file"))
+        .collect();
+    assert_eq!(files, ["alerts.yml"]);
+    let defined: BTreeSet<String> = vec_of(
+        &load_yaml(&deploy("prometheus/alerts.yml"))[0]["groups"],
+        "groups",
+    )
+    .iter()
+    .flat_map(|g| vec_of(&g["rules"], "rules"))
+    .map(|r| str_of(&r["alert"], "alert").to_owned())
+    .collect();
+    let mut tested = BTreeSet::new();
+    let mut firing = BTreeSet::new();
+    for case in vec_of(&docs[0]["tests"], "tests") {
+        for series in vec_of(&case["input_series"], "input_series") {
+            let selector = str_of(&series["series"], "series");
+            let (name, labels) = parse_selector(selector);
+            assert_exported(name, "alerts_test.yml");
+            assert_ne!(
+                name, REQUESTS,
+                "a tunnel-only run has no request series: {selector}"
+            );
+            let label = |key: &str| {
+                labels
+                    .iter()
+                    .find(|(k, _)| *k == key)
+                    .map(|(_, v)| *v)
+                    .unwrap_or_else(|| panic!("{selector}: no {key}"))
+            };
+            assert_eq!(label("job"), "portcullis", "{selector}");
+            let mut keys: Vec<&str> = labels
+                .iter()
+                .map(|(k, _)| *k)
+                .filter(|k| !matches!(*k, "job" | "instance"))
+                .collect();
+            keys.sort_unstable();
+            match name {
+                "portcullis_denials_total" => {
+                    assert_eq!(keys, ["reason"], "{selector}");
+                    assert!(portcullis::error::DENIAL_REASONS.contains(&label("reason")));
+                }
+                "portcullis_upstream_errors_total" => {
+                    assert_eq!(keys, ["kind"], "{selector}");
+                    assert!(portcullis::error::UPSTREAM_KINDS.contains(&label("kind")));
+                }
+                "portcullis_config_reloads_total" => {
+                    assert_eq!(keys, ["result"], "{selector}");
+                    assert!([
+                        portcullis::telemetry::RELOAD_SUCCESS,
+                        portcullis::telemetry::RELOAD_FAILURE
+                    ]
+                    .contains(&label("result")));
+                }
+                TUNNELS => {
+                    assert_eq!(keys, ["client", "decision", "rule"], "{selector}");
+                    assert!(["allow", "deny", "would_deny"].contains(&label("decision")));
+                }
+                _ => panic!("{selector}: no check for this family yet"),
+            }
+        }
+        for test in vec_of(&case["alert_rule_test"], "alert_rule_test") {
+            let name = str_of(&test["alertname"], "alertname").to_owned();
+            assert!(defined.contains(&name), "{name} is not in alerts.yml");
+            if !vec_of(&test["exp_alerts"], "exp_alerts").is_empty() {
+                firing.insert(name.clone());
+            }
+            tested.insert(name);
+        }
+    }
+    for alert in [
+        "PortcullisConfigReloadFailed",
+        "PortcullisUpstreamErrors",
+        "PortcullisDenialSpike",
+    ] {
+        assert!(firing.contains(alert), "no test where {alert} fires");
+    }
+    assert!(tested.len() >= 3, "{tested:?}");
+}
+
+/// `name{k="v",...}` of a promtool input series: the name and the label pairs (values hold no
+/// comma or quote here).
+fn parse_selector(selector: &str) -> (&str, Vec<(&str, &str)>) {
+    let (name, rest) = selector.split_once('{').unwrap_or((selector, "}"));
+    let labels = rest
+        .trim_end_matches('}')
+        .split(',')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or_else(|| panic!("{selector}"));
+            (k.trim(), v.trim().trim_matches('"'))
+        })
+        .collect();
+    (name, labels)
 }
 
 #[test]

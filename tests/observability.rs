@@ -494,3 +494,157 @@ async fn admin_endpoints() {
     assert_eq!(w.plain.count(), 0);
     w.proxy.stop().await;
 }
+
+/// Opens a CONNECT as `client` (Basic proxy credentials) and returns the response head and the
+/// socket, which carries the tunnel after a 200.
+async fn connect_as(
+    proxy: &TestProxy,
+    (name, token): (&str, &str),
+    target: &str,
+) -> (String, tokio::net::TcpStream) {
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let auth = basic(name, token);
+    s.write_all(
+        format!(
+            "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: {auth}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut s).await;
+    (head, s)
+}
+
+/// A GET through an open tunnel, TLS to the upstream named `sni`; the status line.
+async fn get_through(s: tokio::net::TcpStream, up: &Upstream, sni: &str) -> String {
+    let mut tls = tls_connect(s, roots_for(up), sni).await.unwrap();
+    tls.write_all(format!("GET / HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    tls.read_to_end(&mut response).await.ok();
+    let text = String::from_utf8_lossy(&response).into_owned();
+    text.lines().next().unwrap_or_default().to_owned()
+}
+
+/// The series `line` (`name{labels} value`) is in the exposition exactly, value included.
+fn has_line(text: &str, line: &str) -> bool {
+    text.lines().any(|l| l == line)
+}
+
+/// A tunnel-only deployment (no plain or intercepted request at all), scraped fresh and after
+/// traffic. The second scrape is written to `target/tmp/tunnel-only-metrics.txt`: the series of
+/// `deploy/prometheus/alerts_test.yml` (run by `promtool test rules`) are copied from it.
+#[tokio::test]
+async fn a_tunnel_only_scrape_has_known_series_at_zero_and_no_request_series() {
+    let tls = tls_upstream(&["tunnel.test", "unlisted.test"]).await;
+    let (t, refused) = (tls.port(), closed_port().await);
+    let proxy = start_proxy(&format!(
+        r#"
+[network]
+allow_cidrs = ["127.0.0.0/8"]
+resolve = {{ "tunnel.test" = ["127.0.0.1"], "unlisted.test" = ["127.0.0.1"], "down.test" = ["127.0.0.1"] }}
+[[clients]]
+name = "ci"
+token = {{ value = "ci-token" }}
+[[clients]]
+name = "trial"
+token = {{ value = "trial-token" }}
+mode = "report"
+[[hosts]]
+host = "tunnel.test"
+ports = [{t}]
+[[hosts]]
+host = "down.test"
+ports = [{refused}]
+"#
+    ))
+    .await;
+    let (ci, trial) = (("ci", "ci-token"), ("trial", "trial-token"));
+
+    // Before any traffic: every counter whose labels are known is there at 0, so the first
+    // event is an increase Prometheus sees.
+    let fresh = proxy.metrics().await;
+    let mut zeros = vec![
+        r#"portcullis_config_reloads_total{result="success"} 0"#.to_owned(),
+        r#"portcullis_config_reloads_total{result="failure"} 0"#.to_owned(),
+    ];
+    for kind in ["dns", "connect", "tls", "timeout", "reset"] {
+        zeros.push(format!(
+            r#"portcullis_upstream_errors_total{{kind="{kind}"}} 0"#
+        ));
+    }
+    for reason in portcullis::error::DENIAL_REASONS {
+        zeros.push(format!(
+            r#"portcullis_denials_total{{reason="{reason}"}} 0"#
+        ));
+    }
+    for zero in &zeros {
+        assert!(has_line(&fresh, zero), "{zero} missing:\n{fresh}");
+    }
+    for reason in ["no_rule", "proxy_auth_required", "overloaded"] {
+        let zero = format!(r#"portcullis_denials_total{{reason="{reason}"}} 0"#);
+        assert!(has_line(&fresh, &zero), "{zero} missing:\n{fresh}");
+    }
+    assert!(!fresh.contains("portcullis_tunnels_total{"), "{fresh}");
+
+    // An allowed tunnel, a report-mode tunnel policy would deny, a denied one, and one whose
+    // upstream refuses the connection.
+    let (head, s) = connect_as(&proxy, ci, &format!("tunnel.test:{t}")).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(get_through(s, &tls, "tunnel.test")
+        .await
+        .starts_with("HTTP/1.1 200"));
+    let (head, s) = connect_as(&proxy, trial, &format!("unlisted.test:{t}")).await;
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "report mode lets it through: {head}"
+    );
+    assert!(get_through(s, &tls, "unlisted.test")
+        .await
+        .starts_with("HTTP/1.1 200"));
+    let (head, _s) = connect_as(&proxy, ci, &format!("unlisted.test:{t}")).await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    let (head, _s) = connect_as(&proxy, ci, &format!("down.test:{refused}")).await;
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    // And a rejected reload.
+    std::fs::write(
+        proxy.dir.path().join("portcullis.toml"),
+        "[[hosts]]\nhost = \"tunnel.test\"\nbogus_key = 1\n",
+    )
+    .unwrap();
+    assert!(proxy.handle.reload().is_err());
+
+    let events = proxy.audit_events(4).await;
+    assert_eq!(events.len(), 4, "{events:#?}");
+    assert!(events.iter().all(|e| e["kind"] == "tunnel"), "{events:#?}");
+    let text = proxy.metrics().await;
+    std::fs::write(
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("tunnel-only-metrics.txt"),
+        &text,
+    )
+    .unwrap();
+    // No request series at all: alerts and panels must not depend on them.
+    assert!(!text.contains("portcullis_requests_total"), "{text}");
+    assert!(
+        !text.contains("portcullis_request_duration_seconds"),
+        "{text}"
+    );
+    for line in [
+        r#"portcullis_tunnels_total{client="ci",decision="allow",rule="tunnel.test"} 1"#,
+        r#"portcullis_tunnels_total{client="ci",decision="allow",rule="down.test"} 1"#,
+        r#"portcullis_tunnels_total{client="ci",decision="deny",rule="none"} 1"#,
+        r#"portcullis_tunnels_total{client="trial",decision="would_deny",rule="none"} 1"#,
+        // The real denial only: a report-mode would-be denial is not a denial.
+        r#"portcullis_denials_total{reason="no_rule"} 1"#,
+        r#"portcullis_denials_total{reason="port_not_allowed"} 0"#,
+        r#"portcullis_upstream_errors_total{kind="connect"} 1"#,
+        r#"portcullis_upstream_errors_total{kind="dns"} 0"#,
+        r#"portcullis_config_reloads_total{result="failure"} 1"#,
+        r#"portcullis_config_reloads_total{result="success"} 0"#,
+    ] {
+        assert!(has_line(&text, line), "{line} missing:\n{text}");
+    }
+    proxy.stop().await;
+}

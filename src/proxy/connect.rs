@@ -60,7 +60,7 @@ pub async fn open(
     };
     // Report mode may let an unlisted CONNECT through: it is tunneled (no rule, no credential).
     let verdict = policy::judge(&snap.config.rules, &facts, identity.mode);
-    let rule = outcome::admit(&conn.state.telemetry, record, verdict)?;
+    let rule = outcome::admit(record, verdict)?;
     let name = || host.to_string();
     if rule.is_some_and(|r| r.intercepts()) {
         record.event.intercepted = true;

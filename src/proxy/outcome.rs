@@ -36,9 +36,9 @@ pub fn respond(
 }
 
 /// Records `verdict`: the rule that allowed the request, or a report-mode `would_deny` (let
-/// through with no rule, so no credential), or the denial as an error for [`respond`].
+/// through with no rule, so no credential, and not counted as a denial), or the denial as an
+/// error for [`respond`].
 pub fn admit<'s>(
-    telemetry: &Telemetry,
     record: &mut Record,
     verdict: Verdict<'s>,
 ) -> Result<Option<&'s Rule>, ProxyError> {
@@ -49,7 +49,7 @@ pub fn admit<'s>(
         }
         Verdict::WouldDeny(denial) => {
             tracing::debug!(client = %record.event.client, %denial, "would deny (report mode)");
-            record.would_deny(telemetry, denial.to_string(), denial.code());
+            record.would_deny(denial.to_string());
             Ok(None)
         }
         Verdict::Deny(denial) => Err(ProxyError::Denied(denial)),

@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use super::state::{Snapshot, State};
 use crate::config::{self, Config, Origin};
+use crate::telemetry::{RELOAD_FAILURE, RELOAD_SUCCESS};
 
 /// How often watched files are checked.
 const POLL: Duration = Duration::from_secs(1);
@@ -97,10 +98,16 @@ impl Reloader {
         let metrics = &self.state.telemetry.metrics;
         match &result {
             Ok(()) => {
-                metrics.config_reloads.with_label_values(&["success"]).inc();
+                metrics
+                    .config_reloads
+                    .with_label_values(&[RELOAD_SUCCESS])
+                    .inc();
             }
             Err(e) => {
-                metrics.config_reloads.with_label_values(&["failure"]).inc();
+                metrics
+                    .config_reloads
+                    .with_label_values(&[RELOAD_FAILURE])
+                    .inc();
                 tracing::error!(
                     "configuration reload failed; keeping the running configuration:\n{e}"
                 );

@@ -149,7 +149,7 @@ pub async fn handle(
     record: &mut Record,
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, incoming) = req.into_parts();
-    let admitted = match admit(conn, snap, identity, origin, &mut parts, record) {
+    let admitted = match admit(snap, identity, origin, &mut parts, record) {
         Ok(admitted) => admitted,
         Err(err) => {
             body::discard(incoming).await;
@@ -184,7 +184,6 @@ pub async fn handle(
 
 /// Everything decided before any I/O: one form, precheck, policy, the plain-http guard.
 fn admit<'a, 's>(
-    conn: &ConnCtx,
     snap: &'s Snapshot,
     identity: &Identity,
     origin: Origin<'a>,
@@ -228,7 +227,7 @@ fn admit<'a, 's>(
         client: &identity.name,
     };
     let verdict = policy::judge(&snap.config.rules, &facts, identity.mode);
-    let rule = outcome::admit(&conn.state.telemetry, record, verdict)?;
+    let rule = outcome::admit(record, verdict)?;
     if let Some(Cow::Owned(path)) = judged {
         parts.uri = with_path(&parts.uri, &path)?;
     }

@@ -4,6 +4,11 @@
 //! Every label is bounded: `rule` is a configured host pattern or `none`, `client` a configured
 //! client, `anonymous` or `unauthenticated`, `method` a standard method or `OTHER`, `reason` and
 //! `kind` fixed sets. Nothing here ever takes a host name, path or header from a request.
+//!
+//! Counters whose labels are known before any traffic (reload results, denial reasons, upstream
+//! error kinds) are exported at 0 from the start (spec §8): Prometheus' `increase()` needs a
+//! sample before the first event, or an alert on that event never fires. Series keyed by client
+//! and rule still appear with their first event.
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
@@ -14,6 +19,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::error::{DENIAL_REASONS, UPSTREAM_KINDS};
 use crate::telemetry::event::Decision;
 
 /// Every metric family the proxy exports (histograms also as `_bucket`, `_sum`, `_count`), besides
@@ -35,6 +41,11 @@ pub const EXPORTED: [&str; 15] = [
     "portcullis_proxy_auth_failures_total",
     "portcullis_certificate_errors_total",
 ];
+
+/// The `result` label of `portcullis_config_reloads_total` for a reload that took effect.
+pub const RELOAD_SUCCESS: &str = "success";
+/// The `result` label of `portcullis_config_reloads_total` for a rejected reload.
+pub const RELOAD_FAILURE: &str = "failure";
 
 /// Latency buckets for a proxy: sub-millisecond to 30 s.
 const DURATION_BUCKETS: [f64; 16] = [
@@ -64,7 +75,8 @@ pub struct Metrics {
     pub active_tunnels: IntGauge,
     /// `portcullis_credential_injections_total{credential}`
     pub credential_injections: IntCounterVec,
-    /// `portcullis_denials_total{reason}`
+    /// `portcullis_denials_total{reason}`: refused requests, tunnels and connections (never a
+    /// report-mode would-be denial, which is let through; it shows as `decision="would_deny"`).
     pub denials: IntCounterVec,
     /// `portcullis_upstream_errors_total{kind}`
     pub upstream_errors: IntCounterVec,
@@ -159,7 +171,7 @@ impl Metrics {
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
-        Ok(Self {
+        let metrics = Self {
             requests: counter_vec(
                 "portcullis_requests_total",
                 "Requests (plain and intercepted), by outcome.",
@@ -217,7 +229,29 @@ impl Metrics {
             )?,
             by_rule: Arc::default(),
             registry,
-        })
+        };
+        metrics.export_known_labels_at_zero();
+        Ok(metrics)
+    }
+
+    /// Creates, at 0, every series whose labels are known before any traffic, so the first event
+    /// is an increase Prometheus can see (a series born at 1 has no earlier sample to compare).
+    fn export_known_labels_at_zero(&self) {
+        for result in [RELOAD_SUCCESS, RELOAD_FAILURE] {
+            self.config_reloads.with_label_values(&[result]);
+        }
+        for reason in DENIAL_REASONS {
+            self.denials.with_label_values(&[reason]);
+        }
+        for kind in UPSTREAM_KINDS {
+            self.upstream_errors.with_label_values(&[kind]);
+        }
+        // Credential results belong here too, with their counters (a later issue):
+        // `portcullis_credential_refreshes_total{credential, result}` and
+        // `portcullis_oidc_verifications_total{issuer, result}` at 0 for every configured
+        // credential / issuer and every result of spec §8. Their first label comes from the
+        // configuration, so this will need the configured names, and a reload that adds one must
+        // create its series as well.
     }
 
     /// The Prometheus text exposition of every metric.
@@ -407,6 +441,45 @@ mod tests {
             .filter(|l| l.starts_with("# TYPE portcullis_"))
             .count();
         assert_eq!(families, EXPORTED.len(), "EXPORTED lists every family");
+    }
+
+    #[test]
+    fn known_labels_are_exported_at_zero_from_the_start() {
+        let text = Metrics::new().unwrap().render();
+        let mut zeros = vec![
+            r#"portcullis_config_reloads_total{result="success"} 0"#.to_owned(),
+            r#"portcullis_config_reloads_total{result="failure"} 0"#.to_owned(),
+        ];
+        zeros.extend(
+            UPSTREAM_KINDS
+                .iter()
+                .map(|kind| format!(r#"portcullis_upstream_errors_total{{kind="{kind}"}} 0"#)),
+        );
+        zeros.extend(
+            DENIAL_REASONS
+                .iter()
+                .map(|reason| format!(r#"portcullis_denials_total{{reason="{reason}"}} 0"#)),
+        );
+        for zero in &zeros {
+            assert!(text.lines().any(|l| l == zero), "{zero} missing:\n{text}");
+        }
+        // Spot checks against a list of the code's own making: a policy denial, a refusal
+        // outside policy, the listener's count, every kind of spec §8.
+        for zero in [
+            r#"portcullis_denials_total{reason="no_rule"} 0"#,
+            r#"portcullis_denials_total{reason="destination_prohibited"} 0"#,
+            r#"portcullis_denials_total{reason="overloaded"} 0"#,
+            r#"portcullis_upstream_errors_total{kind="reset"} 0"#,
+        ] {
+            assert!(zeros.iter().any(|z| z == zero), "{zero}");
+        }
+        // Series keyed by client and rule still wait for traffic.
+        for family in ["portcullis_requests_total{", "portcullis_tunnels_total{"] {
+            assert!(
+                !text.contains(family),
+                "{family} before any traffic:\n{text}"
+            );
+        }
     }
 
     /// The exposition without the process collector, whose values move between two renders.

@@ -127,11 +127,14 @@ impl Record {
         }
     }
 
-    /// Records a policy denial let through by report mode.
-    pub fn would_deny(&mut self, telemetry: &Telemetry, reason: String, code: &'static str) {
+    /// Records a policy denial let through by report mode. Not counted in
+    /// `portcullis_denials_total`, which counts what was refused: a report-mode rollout must not
+    /// look like a denial spike. It is counted with `decision="would_deny"` in
+    /// `portcullis_requests_total` / `portcullis_tunnels_total` when it ends, and its reason is in
+    /// the audit event.
+    pub fn would_deny(&mut self, reason: String) {
         self.event.decision = Decision::WouldDeny;
         self.event.reason = Some(reason);
-        telemetry.metrics.denials.with_label_values(&[code]).inc();
     }
 
     fn close(mut self, telemetry: &Telemetry, bytes_received: u64) {
