@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Installs what the tests need beyond cargo, when it is missing: the curl and git binaries (real
-# clients the integration tests drive) and promtool (CI checks the scraped metrics and the alert
-# rules with it; optional). Debian/Ubuntu, as root or through sudo.
+# Installs what the tests need beyond cargo, when it is missing: the curl and git binaries and
+# Python with requests (real clients the integration tests drive; tests/env.rs fails without
+# requests) and promtool (CI checks the scraped metrics and the alert rules with it; optional).
+# Debian/Ubuntu, as root or through sudo.
 set -euo pipefail
 need=()
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v git >/dev/null 2>&1 || need+=(git)
+# The python3 on PATH is the one the tests run; Debian's package provides requests for its own.
+python3 -c "import requests" >/dev/null 2>&1 || need+=(python3 python3-requests)
 want_promtool=0
 command -v promtool >/dev/null 2>&1 || want_promtool=1
 if [ "${#need[@]}" -eq 0 ] && [ "$want_promtool" = 0 ]; then
@@ -22,4 +25,9 @@ if [ "$want_promtool" = 1 ]; then
   # promtool is a nice-to-have: a failed install of it must not fail the tests.
   $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null ||
     echo "promtool unavailable: its checks in .ci/run are skipped"
+fi
+if ! python3 -c "import requests" >/dev/null 2>&1; then
+  # Another python3 ahead of Debian's on PATH (pyenv, a venv): the package did not reach it.
+  echo "python3 on PATH ($(command -v python3)) cannot import requests: install it for that Python" >&2
+  exit 1
 fi

@@ -1,6 +1,9 @@
 //! The command line (spec §1): `run` (default), `check`, `ca init`, `ca show` and `env`.
 //! `main.rs` parses it and calls [`execute`]; [`env`] renders what a pipeline container needs,
 //! [`logging`] sets up log lines.
+//!
+//! `run` and `check` read every secret source; `env`, `ca show` and `ca init` read none
+//! ([`config::load_unresolved`]): they work on a machine that has the config but not the secrets.
 
 pub mod env;
 pub mod logging;
@@ -10,7 +13,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use self::env::Format;
+use self::env::{CaFiles, Format, ProxyUrl, ProxyUrlError};
 use self::logging::LogFormat;
 use crate::{config, proxy, tls};
 
@@ -38,10 +41,14 @@ pub enum Command {
     Check,
     /// Print the environment a pipeline container needs (proxy variables and CA paths).
     Env {
-        /// Proxy URL (default: http:// + listen.proxy, with 127.0.0.1 for an unspecified address).
+        /// Proxy URL, http://[NAME:TOKEN@]HOST:PORT; the name and token may be given raw, they
+        /// are percent-encoded (default: http:// + listen.proxy, with 127.0.0.1 for an
+        /// unspecified address).
         #[arg(long)]
         proxy_url: Option<String>,
-        /// CA file the pipeline trusts (default: tls.ca_cert).
+        /// CA file every CA variable names (default: tls.ca_cert for NODE_EXTRA_CA_CERTS, and
+        /// ca-bundle.pem beside it, our CA + the system roots, written when missing or stale,
+        /// for the variables that replace their tool's roots).
         #[arg(long)]
         ca_file: Option<PathBuf>,
         /// `sh` (export lines) or `dotenv`.
@@ -96,6 +103,9 @@ pub enum CliError {
     /// A CA or TLS operation failed.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// `env --proxy-url` is not an http:// URL.
+    #[error(transparent)]
+    ProxyUrl(#[from] ProxyUrlError),
     /// No CA certificate where the config says.
     #[error("no CA certificate at {0}: run `portcullis ca init`, or start the proxy once to generate one")]
     NoCa(PathBuf),
@@ -147,10 +157,10 @@ pub fn execute(cli: Cli) -> Result<ExitCode, CliError> {
             let (cert, key) = match (cert, key) {
                 (Some(cert), Some(key)) => (cert, key),
                 (cert, key) => {
-                    let config = config::load(cli.config.as_deref())?;
+                    let config = config::load_unresolved(cli.config.as_deref())?;
                     (
-                        cert.unwrap_or(config.tls.ca_cert),
-                        key.unwrap_or(config.tls.ca_key),
+                        cert.unwrap_or_else(|| config.tls().ca_cert.clone()),
+                        key.unwrap_or_else(|| config.tls().ca_key.clone()),
                     )
                 }
             };
@@ -165,12 +175,13 @@ pub fn execute(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Ca {
             action: CaCommand::Show { bundle },
         } => {
-            let config = config::load(cli.config.as_deref())?;
-            let path = config.tls.ca_cert;
-            let pem = std::fs::read_to_string(&path).map_err(|_| CliError::NoCa(path.clone()))?;
-            print!("{pem}");
+            let config = config::load_unresolved(cli.config.as_deref())?;
+            let path = &config.tls().ca_cert;
+            let pem = std::fs::read_to_string(path).map_err(|_| CliError::NoCa(path.clone()))?;
             if bundle {
-                print!("{}", tls::system_roots_pem()?);
+                print!("{}", tls::ca_bundle_pem(&pem)?);
+            } else {
+                print!("{pem}");
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -180,26 +191,52 @@ pub fn execute(cli: Cli) -> Result<ExitCode, CliError> {
             format,
             no_proxy,
         } => {
-            let config = config::load(cli.config.as_deref())?;
-            let proxy_url = proxy_url.unwrap_or_else(|| {
-                let mut addr = config.listen.proxy;
-                if addr.ip().is_unspecified() {
-                    addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            // The URL first: a mistake in it is the likelier one, and needs no file to find.
+            let proxy_url = proxy_url.as_deref().map(ProxyUrl::parse).transpose()?;
+            let config = config::load_unresolved(cli.config.as_deref())?;
+            let proxy_url =
+                proxy_url.unwrap_or_else(|| ProxyUrl::from_listener(config.listen().proxy));
+            let absolute = |path: PathBuf| std::path::absolute(&path).unwrap_or(path);
+            let (ca, bundle) = match ca_file {
+                Some(file) => {
+                    let file = absolute(file);
+                    (file.clone(), file)
                 }
-                format!("http://{addr}")
-            });
-            let ca_file = ca_file.unwrap_or(config.tls.ca_cert);
-            let ca_file = std::path::absolute(&ca_file).unwrap_or(ca_file);
+                None => {
+                    let ca = absolute(config.tls().ca_cert.clone());
+                    if !ca.exists() {
+                        return Err(CliError::NoCa(ca));
+                    }
+                    let bundle = tls::write_bundle(&ca)?;
+                    (ca, bundle)
+                }
+            };
+            let clients: Vec<&str> = config.client_names().collect();
+            if !clients.is_empty() && !proxy_url.has_credentials() {
+                // Not an error: a pipeline may add its token to the URL itself.
+                let unless = if config.has_network_clients() {
+                    " unless it comes from a client's networks"
+                } else {
+                    ""
+                };
+                eprintln!(
+                    "portcullis: warning: clients are configured ({}) and the proxy URL carries no \
+                     credentials: every request will get 407 Proxy Authentication Required{unless}; \
+                     pass --proxy-url http://NAME:TOKEN@HOST:PORT",
+                    clients.join(", ")
+                );
+            }
             let no_proxy = no_proxy.unwrap_or_else(|| {
                 env::DEFAULT_NO_PROXY
                     .iter()
                     .map(|s| (*s).to_owned())
                     .collect()
             });
-            print!(
-                "{}",
-                env::render(&proxy_url, &ca_file.to_string_lossy(), &no_proxy, format)
-            );
+            let files = CaFiles {
+                ca: &ca.to_string_lossy(),
+                bundle: &bundle.to_string_lossy(),
+            };
+            print!("{}", env::render(&proxy_url, files, &no_proxy, format));
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -141,3 +141,42 @@ pub struct Config {
     /// Non-fatal findings (`check` prints them, `run` logs them).
     pub warnings: Vec<String>,
 }
+
+/// A configuration validated without reading its secret sources, for the commands that run where
+/// the secrets are not (`env`, `ca show`, `ca init`). It holds no credential and no client token,
+/// and only shows what those commands need: nothing turns it into a [`Config`], so a
+/// configuration without its secrets is never run.
+#[derive(Debug, Clone)]
+pub struct UnresolvedConfig(Config);
+
+impl UnresolvedConfig {
+    /// Wraps a configuration validated with `Secrets::Skip`.
+    pub(super) fn new(config: Config) -> Self {
+        Self(config)
+    }
+
+    /// Where it came from.
+    pub fn origin(&self) -> &Origin {
+        &self.0.origin
+    }
+
+    /// Listeners.
+    pub fn listen(&self) -> &Listen {
+        &self.0.listen
+    }
+
+    /// TLS settings (the CA's paths).
+    pub fn tls(&self) -> &TlsSettings {
+        &self.0.tls
+    }
+
+    /// Names of the configured clients (none: every connection is `anonymous`).
+    pub fn client_names(&self) -> impl Iterator<Item = &str> {
+        self.0.clients.iter().map(|c| c.name.as_str())
+    }
+
+    /// Whether some client is identified by its source networks, which needs no credentials.
+    pub fn has_network_clients(&self) -> bool {
+        self.0.clients.iter().any(|c| !c.networks.is_empty())
+    }
+}

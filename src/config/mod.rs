@@ -5,11 +5,12 @@
 //! for TOML syntax errors, line and column. Values are never echoed, so a literal secret in a
 //! malformed config cannot reach a log.
 //!
-//! This module owns the entry points ([`load`], [`parse`]) and the embedded default; the rest is
-//! one file per concern:
+//! This module owns the entry points ([`load`], [`parse`], and [`load_unresolved`] for the
+//! commands that never read secrets) and the embedded default; the rest is one file per concern:
 //! - `raw`: the serde types as written, and the built-in defaults (their `Default` impls, the only
 //!   place default values live; `config/default.toml` only documents them);
-//! - `frozen`: the validated snapshot ([`Config`] and its parts) the rest of the crate uses;
+//! - `frozen`: the validated snapshot ([`Config`] and its parts) the rest of the crate uses, and
+//!   [`UnresolvedConfig`], the view of a configuration validated without its secrets;
 //! - `validate`: raw → frozen, one function per section, every problem collected;
 //! - `error`: [`ConfigError`], [`ConfigErrors`] and the translation of TOML/figment errors;
 //! - `summary`: [`Config::summary`], the text `portcullis check` prints.
@@ -28,7 +29,10 @@ use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 
 pub use error::{ConfigError, ConfigErrors};
-pub use frozen::{AuditOutput, AuditSettings, Client, Config, Limits, Listen, Origin, TlsSettings};
+pub use frozen::{
+    AuditOutput, AuditSettings, Client, Config, Limits, Listen, Origin, TlsSettings,
+    UnresolvedConfig,
+};
 pub use raw::{
     RawAudit, RawClient, RawConfig, RawHostRule, RawLimits, RawListen, RawNetwork, RawPolicy,
     RawTls, UpstreamRoots, DEFAULT_PORTS,
@@ -40,9 +44,31 @@ pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/default.toml");
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "PORTCULLIS_";
 
+/// Whether validation reads secret sources. One validation code path serves both: `Skip` runs
+/// every check except reading `{ env }` / `{ file }` sources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Secrets {
+    /// Read every secret source; one that cannot be read makes the config invalid (`run`,
+    /// `check`, reload).
+    Resolve,
+    /// Read none (`env`, `ca show`, `ca init`: they run where the secrets are not).
+    Skip,
+}
+
 /// Loads the configuration `run` and `check` use: `path`, else `$PORTCULLIS_CONFIG`, else the
-/// embedded default; environment overrides applied.
+/// embedded default; environment overrides applied; every secret source read.
 pub fn load(path: Option<&Path>) -> Result<Config, ConfigErrors> {
+    load_with(path, Secrets::Resolve)
+}
+
+/// Loads and validates the configuration like [`load`], but reads no secret source: for `env`,
+/// `ca show` and `ca init`, which work on a machine that has the config but not the secrets.
+pub fn load_unresolved(path: Option<&Path>) -> Result<UnresolvedConfig, ConfigErrors> {
+    load_with(path, Secrets::Skip).map(UnresolvedConfig::new)
+}
+
+/// [`load`] and [`load_unresolved`].
+fn load_with(path: Option<&Path>, secrets: Secrets) -> Result<Config, ConfigErrors> {
     let path = path
         .map(Path::to_path_buf)
         .or_else(|| std::env::var_os("PORTCULLIS_CONFIG").map(PathBuf::from));
@@ -61,15 +87,32 @@ pub fn load(path: Option<&Path>) -> Result<Config, ConfigErrors> {
                 .map(Path::to_path_buf)
                 .filter(|p| !p.as_os_str().is_empty())
                 .unwrap_or_else(|| PathBuf::from("."));
-            parse(&text, Origin::File(path), &base, true)
+            parse_with(&text, Origin::File(path), &base, true, secrets)
         }
-        None => parse(EMBEDDED_DEFAULT, Origin::Embedded, Path::new("."), true),
+        None => parse_with(
+            EMBEDDED_DEFAULT,
+            Origin::Embedded,
+            Path::new("."),
+            true,
+            secrets,
+        ),
     }
 }
 
 /// Parses and validates TOML `text`; with `env`, `PORTCULLIS_<SECTION>__<KEY>` overrides apply.
-/// Relative paths are resolved against `base`.
+/// Relative paths are resolved against `base`. Every secret source is read.
 pub fn parse(text: &str, origin: Origin, base: &Path, env: bool) -> Result<Config, ConfigErrors> {
+    parse_with(text, origin, base, env, Secrets::Resolve)
+}
+
+/// [`parse`], reading secret sources or not.
+fn parse_with(
+    text: &str,
+    origin: Origin,
+    base: &Path,
+    env: bool,
+    secrets: Secrets,
+) -> Result<Config, ConfigErrors> {
     let origin_text = origin.to_string();
     // Syntax first, ourselves: toml's own message quotes the offending line, which could hold a
     // literal secret. We keep its message and position only.
@@ -98,7 +141,7 @@ pub fn parse(text: &str, origin: Origin, base: &Path, env: bool) -> Result<Confi
                 .collect(),
         )
     })?;
-    validate::validate(raw, origin, base)
+    validate::validate(raw, origin, base, secrets)
 }
 
 #[cfg(test)]
@@ -113,6 +156,17 @@ mod tests {
             Origin::File("test.toml".into()),
             Path::new("/etc/portcullis"),
             false,
+        )
+    }
+
+    /// [`parse_str`] without reading secret sources (what [`load_unresolved`] does).
+    pub(super) fn parse_str_unresolved(text: &str) -> Result<Config, ConfigErrors> {
+        parse_with(
+            text,
+            Origin::File("test.toml".into()),
+            Path::new("/etc/portcullis"),
+            false,
+            Secrets::Skip,
         )
     }
 

@@ -105,12 +105,36 @@ pub enum CredentialError {
 impl Credential {
     /// Resolves `spec`'s secret and builds the header it injects.
     pub fn build(name: &str, spec: &CredentialSpec, base: &Path) -> Result<Self, CredentialError> {
-        let header = spec.header_name().map_err(|_| match spec {
-            CredentialSpec::Header { name, .. } => CredentialError::HeaderName(name.clone()),
-            _ => CredentialError::HeaderName("authorization".into()),
-        })?;
+        let header = Self::header(spec)?;
         let (source, _) = spec.source();
         let secret = source.resolve(base)?;
+        Self::assemble(name, spec, header, secret)
+    }
+
+    /// Checks everything in `spec` but its secret (header name, username, prefix) without reading
+    /// the secret source: for commands that run where the secrets are not (`env`, `ca show`).
+    /// The same checks as [`Credential::build`]; the credential built on the way holds a
+    /// placeholder and is dropped here, so it can never be injected.
+    pub fn check(name: &str, spec: &CredentialSpec) -> Result<(), CredentialError> {
+        let header = Self::header(spec)?;
+        Self::assemble(name, spec, header, Secret::placeholder()).map(drop)
+    }
+
+    /// The header `spec` sets, or the error naming the bad header name.
+    fn header(spec: &CredentialSpec) -> Result<HeaderName, CredentialError> {
+        spec.header_name().map_err(|_| match spec {
+            CredentialSpec::Header { name, .. } => CredentialError::HeaderName(name.clone()),
+            _ => CredentialError::HeaderName("authorization".into()),
+        })
+    }
+
+    /// Builds the injected header value from `secret`.
+    fn assemble(
+        name: &str,
+        spec: &CredentialSpec,
+        header: HeaderName,
+        secret: Secret,
+    ) -> Result<Self, CredentialError> {
         // Besides the secret itself, a Basic pair travels as base64: an echo of either must not
         // come back.
         let mut encoded_pair = None;
@@ -170,6 +194,41 @@ mod tests {
         let cred = Credential::build("x", &CredentialSpec::Bearer(src), Path::new(".")).unwrap();
         assert!(!format!("{cred:?}").contains("hunter2"));
         assert!(cred.value.is_sensitive());
+    }
+
+    #[test]
+    fn check_reads_no_secret_but_checks_the_rest() {
+        let unset = || SecretSource::Env("PORTCULLIS_TEST_CHECK_UNSET".into());
+        let missing_file = SecretSource::File("/nonexistent/portcullis-secret".into());
+        assert!(Credential::build("gh", &CredentialSpec::Bearer(unset()), Path::new(".")).is_err());
+        Credential::check("gh", &CredentialSpec::Bearer(unset())).unwrap();
+        Credential::check("f", &CredentialSpec::Bearer(missing_file)).unwrap();
+        let bad_name = CredentialSpec::Header {
+            name: "X Bad".into(),
+            prefix: None,
+            value: unset(),
+        };
+        assert_eq!(
+            Credential::check("h", &bad_name).unwrap_err(),
+            CredentialError::HeaderName("X Bad".into())
+        );
+        let bad_user = CredentialSpec::Basic {
+            username: "a:b".into(),
+            password: unset(),
+        };
+        assert_eq!(
+            Credential::check("b", &bad_user).unwrap_err(),
+            CredentialError::NotHeaderSafe("basic.username")
+        );
+        let bad_prefix = CredentialSpec::Header {
+            name: "X-Key".into(),
+            prefix: Some("a\nb".into()),
+            value: unset(),
+        };
+        assert_eq!(
+            Credential::check("p", &bad_prefix).unwrap_err(),
+            CredentialError::NotHeaderSafe("header.prefix")
+        );
     }
 
     #[test]

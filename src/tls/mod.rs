@@ -1,8 +1,10 @@
 //! TLS: the interception CA ([`ca`]: load, or generate on first start; `ca init`), leaf
-//! certificates minted per CONNECT host and cached ([`leaves`]), and the client configuration
-//! that verifies real upstream servers ([`upstream`]). Every configuration uses one crypto
-//! provider ([`provider`]).
+//! certificates minted per CONNECT host and cached ([`leaves`]), the client configuration
+//! that verifies real upstream servers ([`upstream`]), and the CA bundle (our CA + the system
+//! roots) for tools whose CA variable replaces their roots ([`bundle`]). Every configuration uses
+//! one crypto provider ([`provider`]).
 
+mod bundle;
 mod ca;
 mod leaves;
 mod upstream;
@@ -12,9 +14,10 @@ use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
 
+pub use bundle::{ca_bundle_pem, write_bundle, BUNDLE_FILE_NAME};
 pub use ca::{init_ca, write_ca, CertificateAuthority, NewCa};
 pub use leaves::Interceptor;
-pub use upstream::{system_roots_pem, upstream_client_config};
+pub use upstream::upstream_client_config;
 
 /// TLS setup failed. Names files, never key material.
 #[derive(Debug, thiserror::Error)]

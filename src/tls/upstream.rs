@@ -9,26 +9,6 @@ use crate::config::{TlsSettings, UpstreamRoots};
 
 use super::{file_err, provider, TlsError};
 
-/// The operating system's root certificates as PEM (for `ca show --bundle`).
-pub fn system_roots_pem() -> Result<String, TlsError> {
-    use base64::Engine;
-    let found = rustls_native_certs::load_native_certs();
-    if found.certs.is_empty() {
-        return Err(TlsError::Config("no system root certificates found".into()));
-    }
-    let mut out = String::new();
-    for cert in found.certs {
-        let b64 = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
-        out.push_str("-----BEGIN CERTIFICATE-----\n");
-        for line in b64.as_bytes().chunks(64) {
-            out.push_str(&String::from_utf8_lossy(line));
-            out.push('\n');
-        }
-        out.push_str("-----END CERTIFICATE-----\n");
-    }
-    Ok(out)
-}
-
 /// The client configuration for upstream TLS: `tls.upstream_roots` plus `extra_upstream_ca`.
 pub fn upstream_client_config(settings: &TlsSettings) -> Result<ClientConfig, TlsError> {
     let mut roots = RootCertStore::empty();

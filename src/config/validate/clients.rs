@@ -1,5 +1,5 @@
 //! Validation of `[[clients]]`: names unique and not reserved, each identifiable (a token or
-//! networks), tokens resolved.
+//! networks), tokens resolved (unless the command never reads secrets).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -8,16 +8,19 @@ use crate::config::error::Problems;
 use crate::config::frozen::Client;
 use crate::config::raw::RawClient;
 use crate::config::validate::network::cidrs;
+use crate::config::Secrets;
 use crate::credentials::SecretSource;
 
 /// Names that are not client names: they are what the spec calls unidentified traffic.
 const RESERVED_CLIENT_NAMES: [&str; 2] = ["anonymous", "unauthenticated"];
 
 /// `[[clients]]`. Also returns the names host rules may refer to: the valid ones only, so a rule
-/// naming a reserved or malformed client is reported too.
+/// naming a reserved or malformed client is reported too. With [`Secrets::Skip`], tokens are not
+/// read and every client's `token` is `None`.
 pub(super) fn clients(
     raw: &[RawClient],
     base: &Path,
+    secrets: Secrets,
     p: &mut Problems,
     warnings: &mut Vec<String>,
     secret_files: &mut Vec<PathBuf>,
@@ -56,13 +59,15 @@ pub(super) fn clients(
         if let Some(file) = c.token.as_ref().and_then(SecretSource::file) {
             secret_files.push(base.join(file));
         }
-        let token = match c.token.as_ref().map(|t| t.resolve(base)) {
-            Some(Ok(secret)) => Some(secret),
-            Some(Err(e)) => {
-                p.add(format!("{key}.token"), e.to_string());
-                None
-            }
-            None => None,
+        let token = match (secrets, &c.token) {
+            (Secrets::Resolve, Some(source)) => match source.resolve(base) {
+                Ok(secret) => Some(secret),
+                Err(e) => {
+                    p.add(format!("{key}.token"), e.to_string());
+                    None
+                }
+            },
+            (Secrets::Skip, _) | (_, None) => None,
         };
         clients.push(Client {
             name: c.name.clone(),

@@ -1,17 +1,21 @@
-//! Validation of `[credentials.*]`: every secret source resolved into a [`Credential`], literal
-//! secrets warned about, secret files noted for rotation watching.
+//! Validation of `[credentials.*]`: every secret source resolved into a [`Credential`] (or, for
+//! commands that never read secrets, everything but the secret checked), literal secrets warned
+//! about, secret files noted for rotation watching.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::config::error::Problems;
+use crate::config::Secrets;
 use crate::credentials::{Credential, CredentialSpec, Credentials, SecretSource};
 
-/// `[credentials.*]`: every secret is resolved now, so a missing one fails at load, not at the
-/// first request that needs it.
+/// `[credentials.*]`: with [`Secrets::Resolve`], every secret is resolved now, so a missing one
+/// fails at load, not at the first request that needs it. With [`Secrets::Skip`] the same checks
+/// run on everything but the secret, and no credential is returned.
 pub(super) fn credentials(
     specs: &BTreeMap<String, CredentialSpec>,
     base: &Path,
+    secrets: Secrets,
     p: &mut Problems,
     warnings: &mut Vec<String>,
     secret_files: &mut Vec<PathBuf>,
@@ -27,10 +31,15 @@ pub(super) fn credentials(
         if let Some(file) = source.file() {
             secret_files.push(base.join(file));
         }
-        match Credential::build(name, spec, base) {
-            Ok(c) => {
+        let built = match secrets {
+            Secrets::Resolve => Credential::build(name, spec, base).map(Some),
+            Secrets::Skip => Credential::check(name, spec).map(|()| None),
+        };
+        match built {
+            Ok(Some(c)) => {
                 credentials.insert(name.clone(), c);
             }
+            Ok(None) => {}
             Err(e) => p.add(format!("credentials.{name}.{sub}"), e.to_string()),
         }
     }

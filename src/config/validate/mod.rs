@@ -5,7 +5,9 @@
 //! stopping at the first mistake, so `check` shows an operator everything at once. This file runs
 //! them in order (sections that refer to others, like host rules naming credentials and clients,
 //! after those) and assembles the [`Config`]. Secrets are resolved here: a config whose secrets
-//! cannot be read is invalid.
+//! cannot be read is invalid. With [`Secrets::Skip`] (`env`, `ca show`, `ca init`) the same code
+//! runs but reads no secret source; `config::load_unresolved` hides the result behind
+//! [`crate::config::UnresolvedConfig`], so a config without its secrets is never run.
 
 mod audit;
 mod clients;
@@ -26,13 +28,15 @@ use crate::config::validate::credentials::credentials;
 use crate::config::validate::hosts::hosts;
 use crate::config::validate::listen::listen_and_limits;
 use crate::config::validate::network::network;
-use crate::config::ConfigErrors;
+use crate::config::{ConfigErrors, Secrets};
 
-/// Validates every section of `raw`; relative paths are resolved against `base`.
+/// Validates every section of `raw`; relative paths are resolved against `base`; secret sources
+/// are read or not as `secrets` says.
 pub(super) fn validate(
     raw: RawConfig,
     origin: Origin,
     base: &Path,
+    secrets: Secrets,
 ) -> Result<Config, ConfigErrors> {
     let mut p = Problems::new(&origin);
     let mut warnings = Vec::new();
@@ -43,12 +47,19 @@ pub(super) fn validate(
     let credentials = credentials(
         &raw.credentials,
         base,
+        secrets,
         &mut p,
         &mut warnings,
         &mut secret_files,
     );
-    let (clients, client_names) =
-        clients(&raw.clients, base, &mut p, &mut warnings, &mut secret_files);
+    let (clients, client_names) = clients(
+        &raw.clients,
+        base,
+        secrets,
+        &mut p,
+        &mut warnings,
+        &mut secret_files,
+    );
     let rules = hosts(
         &raw.hosts,
         &raw.credentials,
@@ -91,7 +102,7 @@ fn tls(t: &RawTls, base: &Path) -> TlsSettings {
 mod tests {
     use std::path::PathBuf;
 
-    use crate::config::tests::parse_str;
+    use crate::config::tests::{parse_str, parse_str_unresolved};
     use crate::config::AuditOutput;
 
     #[test]
@@ -123,6 +134,51 @@ ports = []
             assert!(keys.iter().any(|k| k == want), "missing {want} in {err}");
         }
         assert!(err.to_string().contains("PORTCULLIS_TEST_UNSET_VAR_1"));
+    }
+
+    #[test]
+    fn unresolved_validation_reads_no_secret_and_checks_everything_else() {
+        let secrets = r#"
+[credentials.gh]
+bearer = { env = "PORTCULLIS_TEST_UNSET_VAR_2" }
+[credentials.nexus]
+basic = { username = "svc", password = { file = "no-such-secret" } }
+[[clients]]
+name = "ci"
+token = { env = "PORTCULLIS_TEST_UNSET_VAR_3" }
+[[hosts]]
+host = "api.github.com"
+credential = "gh"
+clients = ["ci"]
+"#;
+        let err = parse_str(secrets).unwrap_err();
+        for key in [
+            "credentials.gh.bearer",
+            "credentials.nexus.basic.password",
+            "clients[0].token",
+        ] {
+            assert!(err.0.iter().any(|e| e.key.as_deref() == Some(key)), "{err}");
+        }
+        let c = parse_str_unresolved(secrets).unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.credentials.is_empty(), "no credential without its secret");
+        assert!(c.clients.iter().all(|c| c.token.is_none()));
+        assert_eq!(c.clients.len(), 1);
+        // Everything that is not a secret is still checked, by the same code.
+        let err = parse_str_unresolved(&format!(
+            "{secrets}[credentials.bad]\nheader = {{ name = \"X Bad\", value = {{ env = \"V\" }} }}\n\
+             [[clients]]\nname = \"ci\"\nnetworks = [\"10.0.0.0/8\"]\n[[hosts]]\nhost = \"a.*.b\"\n"
+        ))
+        .unwrap_err();
+        let keys: Vec<_> = err.0.iter().filter_map(|e| e.key.clone()).collect();
+        assert_eq!(
+            keys,
+            [
+                "credentials.bad.header.value",
+                "clients[1].name",
+                "hosts[1].host"
+            ],
+            "{err}"
+        );
     }
 
     #[test]
