@@ -1,6 +1,7 @@
 //! Shutdown over real sockets: tunnels still open when the grace period ends are cut, and their
 //! audit events say so and keep the bytes they moved (counted on the client side, outside the
-//! relay that is cut).
+//! relay that is cut); work in flight within the grace period completes — h2 downloads inside
+//! intercepted tunnels, and keep-alive connections, which close only between requests.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -250,11 +251,10 @@ async fn an_intercepted_tunnel_cut_at_shutdown_keeps_its_byte_counts() {
     );
 }
 
-/// Known bug (src/proxy/connect.rs): when the grace period ends, the tunnel task's `select!`
-/// between the intercepted connection and `hard_stop` has both branches ready —
-/// `State::drive` inside `intercept::serve` also returns `Ok(())` on `hard_stop` — and picks one
-/// at random, so about half of the cut intercepted tunnels are logged with `"error": null`.
-/// Eight tunnels make a run with the bug fail all but ~1% of the time.
+/// When the grace period ends, the tunnel task's `select!` between the intercepted connection and
+/// `hard_stop` has both branches ready (`State::drive` inside `intercept::serve` also returns on
+/// `hard_stop`); the hard stop must win, or about half of the cut tunnels would be logged with
+/// `"error": null`. Eight tunnels make a regression fail all but ~1% of the time.
 #[tokio::test]
 async fn intercepted_tunnels_cut_at_shutdown_say_so() {
     let cut = cut_intercepted_tunnels(8).await;
@@ -268,5 +268,195 @@ async fn intercepted_tunnels_cut_at_shutdown_say_so() {
         "{} of {} cut tunnels not logged as {CUT:?}: {wrong:?}",
         wrong.len(),
         cut.len()
+    );
+}
+
+/// Eight `curl --http2` downloads, each through its own intercepted tunnel of the real binary and
+/// slowed so that they are in flight when SIGTERM comes, all complete within the grace period:
+/// every stream gets its whole body and curl exits 0 — no reset when the connection closes and
+/// the process exits.
+#[tokio::test]
+async fn intercepted_h2_downloads_complete_across_sigterm() {
+    const DOWNLOADS: usize = 8;
+    const SIZE: u64 = 30_000_000;
+    let up = tls_upstream(&["secure.test"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    up.write_ca(dir.path(), "upstream-ca.pem");
+    let port = up.port();
+    let config = dir.path().join("p.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[limits]\nshutdown_grace_seconds = 30\n[audit]\noutput = \"audit.log\"\n[tls]\nextra_upstream_ca = [\"upstream-ca.pem\"]\n[network]\nallow_cidrs = [\"127.0.0.0/8\"]\nresolve = {{ \"secure.test\" = [\"127.0.0.1\"] }}\n[[hosts]]\nhost = \"secure.test\"\nports = [{port}]\nintercept = \"always\"\n"
+        ),
+    )
+    .unwrap();
+    let mut running = spawn_binary(
+        &["run", "-c", config.to_str().unwrap()],
+        &[],
+        std::process::Stdio::null(),
+    );
+    let ca = dir.path().join("state/ca.pem");
+    let url = format!("https://secure.test:{port}/stream/{SIZE}");
+    let downloads: Vec<_> = (0..DOWNLOADS)
+        .map(|_| {
+            let args = [
+                "--http2".to_owned(),
+                "--limit-rate".into(),
+                "10M".into(),
+                "-x".into(),
+                running.proxy.clone(),
+                "--cacert".into(),
+                ca.to_str().unwrap().into(),
+                "-o".into(),
+                "/dev/null".into(),
+                "-w".into(),
+                "%{size_download} %{http_version}".into(),
+                url.clone(),
+            ];
+            tokio::spawn(async move {
+                let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+                curl(&refs).await
+            })
+        })
+        .collect();
+    let admin = running.admin.clone();
+    eventually(
+        "every download is under way",
+        Duration::from_secs(10),
+        || {
+            let admin = admin.clone();
+            async move {
+                let text = reqwest::get(format!("{admin}/metrics"))
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap();
+                metric_value(&text, "portcullis_active_tunnels") == Some(DOWNLOADS as f64)
+            }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // the behaviour under test: mid-download
+    let pid = running.child.0.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    for download in downloads {
+        let out = download.await.unwrap();
+        assert_eq!(out.exit, 0, "curl failed across SIGTERM: {out:?}");
+        assert!(
+            out.body.starts_with(&format!("{SIZE} 2")),
+            "the whole body over h2: {out:?}"
+        );
+    }
+    assert_eq!(running.child.terminate(Duration::from_secs(30)), Some(0));
+    let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+    let requests: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|e: &serde_json::Value| e["kind"] == "request")
+        .collect();
+    assert_eq!(requests.len(), DOWNLOADS, "{audit}");
+    for r in requests {
+        assert_eq!(r["status"], 200, "{r}");
+        assert_eq!(r["bytes_received"], SIZE, "{r}");
+        assert_eq!(r["error"], serde_json::Value::Null, "{r}");
+    }
+}
+
+/// How one keep-alive client fared across shutdown.
+#[derive(Debug, Default)]
+struct KeepAlive {
+    answered: usize,
+    closed_after_last: usize,
+    /// Requests written whose connection closed or reset with no response.
+    lost: usize,
+}
+
+/// One raw HTTP/1.1 client: requests back to back on a keep-alive connection, reconnecting when
+/// a response says `Connection: close`, until the proxy no longer accepts connections (or 30 s).
+async fn keep_alive_client(proxy: std::net::SocketAddr, url: String) -> KeepAlive {
+    let mut stats = KeepAlive::default();
+    let request = format!("GET {url} HTTP/1.1\r\nHost: up.test\r\n\r\n");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    'connections: while Instant::now() < deadline {
+        let Ok(mut s) = TcpStream::connect(proxy).await else {
+            return stats; // the listener is closed: done
+        };
+        loop {
+            if s.write_all(request.as_bytes()).await.is_err() {
+                stats.lost += 1;
+                continue 'connections;
+            }
+            let head = tokio::time::timeout(Duration::from_secs(10), read_head(&mut s)).await;
+            let Ok(head) = head else {
+                stats.lost += 1;
+                continue 'connections;
+            };
+            if !head.starts_with("HTTP/1.1 ") {
+                stats.lost += 1;
+                continue 'connections;
+            }
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_owned)
+                })
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            let mut body = vec![0u8; len];
+            if s.read_exact(&mut body).await.is_err() {
+                stats.lost += 1;
+                continue 'connections;
+            }
+            stats.answered += 1;
+            if head.to_ascii_lowercase().contains("\r\nconnection: close") {
+                stats.closed_after_last += 1;
+                continue 'connections;
+            }
+        }
+    }
+    stats
+}
+
+/// Keep-alive load across shutdown: no request is lost in the close race. Connections keep
+/// serving while the proxy drains, the last response on each says `Connection: close`, and a
+/// connection is closed only between requests.
+#[tokio::test]
+async fn keep_alive_connections_close_only_between_requests() {
+    const CLIENTS: usize = 16;
+    let up = http_upstream().await;
+    let port = up.port();
+    let proxy = start_proxy(&format!(
+        "[limits]\nshutdown_grace_seconds = 10\n[audit]\nlog_headers = false\n[network]\nallow_cidrs = [\"127.0.0.0/8\"]\nresolve = {{ \"up.test\" = [\"127.0.0.1\"] }}\n[[hosts]]\nhost = \"up.test\"\nports = [{port}]\n"
+    ))
+    .await;
+    let url = format!("http://up.test:{port}/ka");
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| tokio::spawn(keep_alive_client(proxy.addr, url.clone())))
+        .collect();
+    eventually("load is running", Duration::from_secs(10), || async {
+        up.count() >= 500
+    })
+    .await;
+    proxy.handle.shutdown();
+    let mut total = KeepAlive::default();
+    for client in clients {
+        let stats = client.await.unwrap();
+        total.answered += stats.answered;
+        total.closed_after_last += stats.closed_after_last;
+        total.lost += stats.lost;
+    }
+    proxy.wait_stopped().await;
+    assert_eq!(total.lost, 0, "requests lost across shutdown: {total:?}");
+    assert!(total.answered >= 500, "{total:?}");
+    assert!(
+        total.closed_after_last >= CLIENTS,
+        "each connection's last response said Connection: close: {total:?}"
     );
 }

@@ -4,7 +4,8 @@
 //! 1. the configuration snapshot current now (kept to the end, so a reload never changes a
 //!    request midway) and an audit record;
 //! 2. **client identity** ([`crate::identity`]): `Proxy-Authorization` or source network, else 407;
-//! 3. draining: 503;
+//! 3. draining: a new CONNECT gets 503; other requests are served, and their responses say
+//!    `Connection: close`;
 //! 4. **CONNECT** ([`super::connect`]): policy, dial, `200`, then a raw tunnel
 //!    ([`super::tunnel`]) or interception ([`super::intercept`], whose inner requests come back
 //!    through step 5 with origin `Tunnel`);
@@ -18,6 +19,7 @@ use http::{Method, Request, Response};
 use hyper::body::Incoming;
 
 use super::connect;
+use super::headers::close_after;
 use super::outcome;
 use super::request::{self, Origin};
 use super::state::{ConnCtx, Snapshot};
@@ -48,17 +50,23 @@ pub async fn serve(conn: &ConnCtx, mut req: Request<Incoming>) -> Response<Body>
         Ok(identity) => identity,
         Err(err) => return outcome::respond(telemetry, record, Err(err)),
     };
-    if conn.state.is_draining() {
-        return outcome::respond(telemetry, record, Err(ProxyError::Draining));
-    }
     if kind == Kind::Tunnel {
+        // No new tunnel once shutdown has begun: it could outlive the grace period.
+        if conn.state.is_draining() {
+            return outcome::respond(telemetry, record, Err(ProxyError::Draining));
+        }
         return match connect::open(conn, &snap, &identity, &req, &mut record).await {
             Ok(opened) => connect::start(conn, &snap, identity, opened, &mut req, record),
             Err(err) => outcome::respond(telemetry, record, Err(err)),
         };
     }
+    let version = req.version();
     let result = request::handle(conn, &snap, &identity, Origin::Listener, req, &mut record).await;
-    outcome::respond(telemetry, record, result)
+    let mut response = outcome::respond(telemetry, record, result);
+    if conn.state.is_draining() {
+        close_after(&mut response, version);
+    }
+    response
 }
 
 /// The destination as the client named it, so that even a refused request is audited with it.

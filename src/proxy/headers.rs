@@ -3,7 +3,7 @@
 //! coming back) and methods that are never relayed refused on sight.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::Method;
+use http::{Method, Response, Version};
 
 use crate::error::ProxyError;
 
@@ -59,6 +59,16 @@ pub fn prepare_response_headers(headers: &mut HeaderMap) {
     // Proxy-Authenticate is for the client's proxy, i.e. us; an upstream's must not leak through.
     headers.remove(header::PROXY_AUTHENTICATE);
     headers.append(header::VIA, VIA_VALUE);
+}
+
+/// While the proxy drains, an HTTP/1.x response tells its client that the connection closes
+/// after it (h2 has no such header: its connection is closed with GOAWAY).
+pub fn close_after<B>(response: &mut Response<B>, version: Version) {
+    if version < Version::HTTP_2 {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
 }
 
 /// Whether any `Via` entry names us as received-by (`1.1 portcullis`, `HTTP/1.1 portcullis`).

@@ -18,6 +18,7 @@ use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::TlsAcceptor;
 
+use super::headers::close_after;
 use super::keepalive::{ConnTimer, CountingIo, IoCounter};
 use super::outcome;
 use super::request::{self, Origin, TunnelTarget};
@@ -48,9 +49,14 @@ impl Tunnel {
             req.method(),
         );
         let origin = Origin::Tunnel(&self.target);
+        let version = req.version();
         let result =
             request::handle(&self.conn, &snap, &self.identity, origin, req, &mut record).await;
-        outcome::respond(telemetry, record, result)
+        let mut response = outcome::respond(telemetry, record, result);
+        if self.conn.state.is_draining() {
+            close_after(&mut response, version);
+        }
+        response
     }
 }
 
@@ -96,7 +102,7 @@ where
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
-        .timer(ConnTimer::new(inner, limits.idle_timeout))
+        .timer(ConnTimer::new(inner.clone(), limits.idle_timeout))
         .header_read_timeout(limits.header_read_timeout)
         // hyper's floor for the read buffer is 8 KiB.
         .max_buf_size(limits.max_header_bytes.max(8192))
@@ -106,7 +112,7 @@ where
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let conn = builder.serve_connection(io, service);
-    let result = state.drive(conn, |c| c.graceful_shutdown()).await;
+    let result = state.drive(conn, &inner, |c| c.graceful_shutdown()).await;
     match result {
         Ok(()) => None,
         Err(e) => {

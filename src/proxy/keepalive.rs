@@ -17,7 +17,9 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper::rt::{Sleep, Timer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Bytes read from and written to a client connection so far.
 #[derive(Debug, Default)]
@@ -103,6 +105,141 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CountingIo<T> {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+/// How long a closing client connection lingers, reading and dropping what the client still
+/// sends; also how long a keep-alive connection must have been quiet before shutdown closes it.
+pub const LINGER: Duration = Duration::from_secs(1);
+
+/// The longest a closing connection lingers in all, however much the client keeps sending.
+const LINGER_MAX: Duration = Duration::from_secs(30);
+
+/// A client socket that is closed gently, as nginx's `lingering_close` does. Dropped, it shuts
+/// down its write side and reads (and drops) whatever the client still sends, until the client
+/// closes, or is quiet for [`LINGER`], or `stop` (the end of the shutdown grace period). Closing a
+/// socket with unread bytes makes the kernel send an RST, which discards what is still queued for
+/// the client and what it has received but not yet read — the end of a download, the last
+/// response before `Connection: close`.
+pub struct Lingering<T>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    inner: Option<T>,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl<T> Lingering<T>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    /// Wraps `inner`; its lingering close runs on `tasks` (so shutdown waits for it) and ends at
+    /// `stop` at the latest.
+    pub fn new(inner: T, tasks: TaskTracker, stop: CancellationToken) -> Self {
+        Self {
+            inner: Some(inner),
+            tasks,
+            stop,
+        }
+    }
+
+    fn io(&mut self) -> io::Result<&mut T> {
+        self.inner
+            .as_mut()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))
+    }
+}
+
+impl<T> Drop for Lingering<T>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    fn drop(&mut self) {
+        let Some(mut io) = self.inner.take() else {
+            return;
+        };
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let stop = self.stop.clone();
+        self.tasks.spawn(async move {
+            let linger = async {
+                let _ = io.shutdown().await;
+                let mut sink = [0u8; 4096];
+                // Until the client closes, or is quiet for LINGER.
+                while let Ok(Ok(n)) = tokio::time::timeout(LINGER, io.read(&mut sink)).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::timeout(LINGER_MAX, linger) => {}
+                () = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+impl<T> AsyncRead for Lingering<T>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.io() {
+            Ok(io) => Pin::new(io).poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl<T> AsyncWrite for Lingering<T>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.io() {
+            Ok(io) => Pin::new(io).poll_write(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.io() {
+            Ok(io) => Pin::new(io).poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.io() {
+            Ok(io) => Pin::new(io).poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.io() {
+            Ok(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.as_ref().is_some_and(|io| io.is_write_vectored())
     }
 }
 

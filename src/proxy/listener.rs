@@ -14,7 +14,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::dispatch;
-use super::keepalive::{ConnTimer, CountingIo, IoCounter};
+use super::keepalive::{ConnTimer, CountingIo, IoCounter, Lingering};
 use super::state::{ConnCtx, State};
 use crate::error::{raw_refusal, ProxyError};
 use crate::telemetry::Gauged;
@@ -83,16 +83,19 @@ async fn serve_connection(conn: ConnCtx, stream: TcpStream) {
         async move { Ok::<_, Infallible>(dispatch::serve(&conn, req).await) }
     });
     let counter = Arc::new(IoCounter::default());
+    let stream = Lingering::new(stream, state.tasks.clone(), state.hard_stop.clone());
     let io = TokioIo::new(CountingIo::new(stream, counter.clone()));
     let served = hyper::server::conn::http1::Builder::new()
-        .timer(ConnTimer::new(counter, limits.idle_timeout))
+        .timer(ConnTimer::new(counter.clone(), limits.idle_timeout))
         .header_read_timeout(limits.header_read_timeout)
         .max_header_size(limits.max_header_bytes)
         .max_headers(256)
         .keep_alive(true)
         .serve_connection(io, service)
         .with_upgrades();
-    let result = state.drive(served, |c| c.graceful_shutdown()).await;
+    let result = state
+        .drive(served, &counter, |c| c.graceful_shutdown())
+        .await;
     if let Err(e) = result {
         tracing::debug!(error = %e, "client connection ended with an error");
     }

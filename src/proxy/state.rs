@@ -12,6 +12,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::keepalive::{IoCounter, LINGER};
 use super::upstream::Upstreams;
 use crate::config::Config;
 use crate::identity::Clients;
@@ -111,12 +112,16 @@ impl State {
         self.connections.clone().try_acquire_owned().ok()
     }
 
-    /// Runs a served connection to its end; once shutdown begins it finishes its current
-    /// request and closes (`graceful_shutdown` is hyper's method of the connection type at
-    /// hand), and when the grace period is over it is cut.
+    /// Runs a served connection to its end. Once shutdown begins it keeps serving (responses
+    /// then say `Connection: close`) and is closed between requests: as soon as it has been
+    /// quiet — no byte from the client, per `counter` — for [`LINGER`], `graceful_shutdown`
+    /// (hyper's method of the connection type at hand) closes it if idle, or after the request
+    /// in flight. Closing an idle keep-alive connection at once would race a request the client
+    /// is sending at that instant. When the grace period is over it is cut.
     pub async fn drive<C, E>(
         &self,
         conn: C,
+        counter: &IoCounter,
         graceful_shutdown: impl FnOnce(Pin<&mut C>),
     ) -> Result<(), E>
     where
@@ -124,14 +129,26 @@ impl State {
     {
         tokio::pin!(conn);
         tokio::select! {
-            result = conn.as_mut() => result,
-            () = self.drain.cancelled() => {
-                graceful_shutdown(conn.as_mut());
-                tokio::select! {
-                    result = conn.as_mut() => result,
-                    () = self.hard_stop.cancelled() => Ok(()),
-                }
+            result = conn.as_mut() => return result,
+            () = self.drain.cancelled() => {}
+        }
+        let mut seen = counter.read();
+        loop {
+            tokio::select! {
+                result = conn.as_mut() => return result,
+                () = self.hard_stop.cancelled() => return Ok(()),
+                () = tokio::time::sleep(LINGER) => {}
             }
+            let now = counter.read();
+            if now == seen {
+                break;
+            }
+            seen = now;
+        }
+        graceful_shutdown(conn.as_mut());
+        tokio::select! {
+            result = conn.as_mut() => result,
+            () = self.hard_stop.cancelled() => Ok(()),
         }
     }
 }
