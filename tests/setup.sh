@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Installs what the tests need beyond cargo, when it is missing: the curl and git binaries (real
-# clients the integration tests drive) and promtool (CI checks the scraped metrics and the alert
-# rules with it; optional). Debian/Ubuntu, as root or through sudo.
+# clients the integration tests drive), iproute2's `ip` (tests/hostile.rs sets up interfaces in a
+# network namespace of its own, when run as root) and promtool (CI checks the scraped metrics and
+# the alert rules with it; optional). Debian/Ubuntu, as root or through sudo.
 set -euo pipefail
 need=()
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v git >/dev/null 2>&1 || need+=(git)
+# `ip` lives in /sbin or /usr/sbin, which a non-root PATH may lack.
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || need+=(iproute2)
 want_promtool=0
 command -v promtool >/dev/null 2>&1 || want_promtool=1
 if [ "${#need[@]}" -eq 0 ] && [ "$want_promtool" = 0 ]; then
