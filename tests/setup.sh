@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Installs what the tests need beyond cargo, when it is missing: the curl and git binaries and
 # Python with requests (real clients the integration tests drive; tests/env.rs fails without
-# requests) and promtool (CI checks the scraped metrics and the alert rules with it; optional).
-# Debian/Ubuntu, as root or through sudo.
+# requests), iproute2's `ip` (tests/hostile.rs sets up interfaces in a network namespace of its
+# own, when run as root) and promtool (CI checks the scraped metrics and the alert rules with it;
+# optional). Debian/Ubuntu, as root or through sudo.
 set -euo pipefail
 need=()
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v git >/dev/null 2>&1 || need+=(git)
 # The python3 on PATH is the one the tests run; Debian's package provides requests for its own.
 python3 -c "import requests" >/dev/null 2>&1 || need+=(python3 python3-requests)
+# `ip` lives in /sbin or /usr/sbin, which a non-root PATH may lack.
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || need+=(iproute2)
 want_promtool=0
 command -v promtool >/dev/null 2>&1 || want_promtool=1
 if [ "${#need[@]}" -eq 0 ] && [ "$want_promtool" = 0 ]; then

@@ -174,7 +174,8 @@ impl<'a> Serialize for EventLine<'a> {
         out.serialize_field("status", &e.status)?;
         out.serialize_field("bytes_sent", &e.bytes_sent)?;
         out.serialize_field("bytes_received", &e.bytes_received)?;
-        out.serialize_field("duration_ms", &e.duration_ms)?;
+        // At most three decimals (spec §7): microseconds are all a duration here can tell.
+        out.serialize_field("duration_ms", &((e.duration_ms * 1000.0).round() / 1000.0))?;
         out.serialize_field("upstream_addr", &e.upstream_addr.map(Display))?;
         out.serialize_field("request_headers", &headers(&e.request_headers))?;
         out.serialize_field("response_headers", &headers(&e.response_headers))?;
@@ -260,7 +261,7 @@ mod tests {
             status: Some(200),
             bytes_sent: 0,
             bytes_received: 4567,
-            duration_ms: 12.3,
+            duration_ms: 12.300_4,
             upstream_addr: Some("140.82.112.6:443".parse().unwrap()),
             request_headers: Some(headers),
             response_headers: None,

@@ -196,7 +196,10 @@ impl Record {
 fn answered_early(record: &Record) -> bool {
     record.event.kind == Kind::Request
         && record.event.error.is_none()
+        && record.event.decision != Decision::Deny
+        && record.event.upstream_addr.is_some()
         && record.event.status.is_some()
+        && record.request_body.failure().is_none()
         && !record.request_body.ended()
 }
 

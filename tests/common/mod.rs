@@ -308,6 +308,8 @@ pub fn generated_body(n: u64) -> Body {
 /// - `…/count`: counts the request body, answers its length;
 /// - `/redirect`: 302 to another host;
 /// - `…/respond-header/NAME/VALUE`: 200 with that response header;
+/// - `…/echo-secret`: echoes the request's credential ([`echo_secret`]);
+/// - `…/early`: answers 200 at once, never reading the request body;
 /// - `/basic/USER/PASS`: 401 unless that basic credential is sent;
 /// - anything else: 200 with a JSON summary of what was received.
 async fn route(
@@ -361,6 +363,15 @@ async fn route(
         );
         return r;
     }
+    if path.ends_with("/echo-secret") {
+        seen.lock().unwrap().push(record);
+        return echo_secret(req.headers());
+    }
+    if path.ends_with("/early") {
+        // The body is dropped unread: the upstream has answered before the client finished.
+        seen.lock().unwrap().push(record);
+        return reply(StatusCode::OK, body::full("early\n"));
+    }
     if path == "/redirect" {
         seen.lock().unwrap().push(record);
         let mut r = reply(StatusCode::FOUND, body::empty());
@@ -412,6 +423,61 @@ async fn route(
     r
 }
 
+/// What an upstream that reflects credentials sends back: the request's `Authorization` (else its
+/// `X-API-Key`) in an `X-Echo` header, in a `Set-Cookie`, and in the body as
+/// `auth=<value>;decoded=<user:pass of a Basic value>;end`, with `Content-Length`. The body comes in
+/// frames cut in the middle of each echoed value, flushed apart (30 ms), so every echo straddles
+/// two reads on the way back.
+pub fn echo_secret(headers: &http::HeaderMap) -> Response<Body> {
+    let value = headers
+        .get("authorization")
+        .or_else(|| headers.get("x-api-key"))
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .unwrap_or_default();
+    let decoded = value
+        .strip_prefix("Basic ")
+        .and_then(|b| base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b).ok())
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let text = format!("auth={value};decoded={decoded};end\n");
+    // Cut points: the middle of each echoed value.
+    let first = "auth=".len() + value.len() / 2;
+    let second = "auth=".len() + value.len() + ";decoded=".len() + decoded.len() / 2;
+    let bytes = Bytes::from(text);
+    let len = bytes.len();
+    let frames = vec![
+        bytes.slice(..first),
+        bytes.slice(first..second),
+        bytes.slice(second..),
+    ];
+    let stream = futures_util::stream::unfold(
+        (frames.into_iter(), true),
+        |(mut frames, first)| async move {
+            let next = frames.next()?;
+            if !first {
+                // Written and flushed apart: the proxy reads the halves separately.
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            let frame: Result<Frame<Bytes>, portcullis::body::BoxError> = Ok(Frame::data(next));
+            Some((frame, (frames, false)))
+        },
+    );
+    let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    let h = r.headers_mut();
+    h.insert(
+        http::header::CONTENT_LENGTH,
+        len.to_string().parse().unwrap(),
+    );
+    h.insert("x-echo", value.parse().unwrap());
+    h.insert(
+        http::header::SET_COOKIE,
+        format!("echo={}; Path=/", value.replace(' ', "_"))
+            .parse()
+            .unwrap(),
+    );
+    r
+}
+
 /// Files served under `/git/` (a dumb-HTTP git repository) to requests carrying `authorization`.
 pub struct StaticFiles {
     pub root: PathBuf,
@@ -423,13 +489,29 @@ pub async fn http_upstream() -> Upstream {
     serve_upstream(None, None, None).await
 }
 
+/// A plain-HTTP upstream on `ip` (another address of this host, e.g. inside a test's own network
+/// namespace), on a free port.
+pub async fn http_upstream_on(ip: std::net::IpAddr) -> Upstream {
+    serve_upstream_on(SocketAddr::new(ip, 0), None, None, None).await
+}
+
 /// Serves [`route`] on 127.0.0.1, over TLS when `acceptor` is given.
 async fn serve_upstream(
     acceptor: Option<tokio_rustls::TlsAcceptor>,
     ca_pem: Option<String>,
     files: Option<Arc<StaticFiles>>,
 ) -> Upstream {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    serve_upstream_on("127.0.0.1:0".parse().unwrap(), acceptor, ca_pem, files).await
+}
+
+/// Serves [`route`] on `bind`, over TLS when `acceptor` is given.
+async fn serve_upstream_on(
+    bind: SocketAddr,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    ca_pem: Option<String>,
+    files: Option<Arc<StaticFiles>>,
+) -> Upstream {
+    let listener = TcpListener::bind(bind).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let seen2 = seen.clone();
@@ -898,5 +980,210 @@ impl RunningBinary {
     /// Every stderr line logged since the last call.
     pub fn drain_lines(&self) -> Vec<String> {
         self.lines.try_iter().collect()
+    }
+}
+
+/// A response read off a raw connection: status, head (lower-cased header names), body.
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    pub status: u16,
+    /// The status line and headers as received.
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_owned())
+        })
+    }
+
+    /// The `Proxy-Status` header, or "" (a bare answer from the HTTP parser has none).
+    pub fn proxy_status(&self) -> String {
+        self.header("proxy-status").unwrap_or_default()
+    }
+
+    pub fn body_text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One byte, or `None` at EOF or on a reset (a server that closes with unread input resets the
+/// connection; what it sent before is still read).
+async fn read_byte<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Option<u8> {
+    let mut byte = [0u8; 1];
+    let n = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read(s, &mut byte),
+    )
+    .await
+    .expect("response bytes in time")
+    .ok()?;
+    (n == 1).then_some(byte[0])
+}
+
+async fn read_line<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Option<String> {
+    let mut line = Vec::new();
+    while !line.ends_with(b"\r\n") {
+        line.push(read_byte(s).await?);
+    }
+    line.truncate(line.len() - 2);
+    Some(String::from_utf8_lossy(&line).into_owned())
+}
+
+/// Reads one HTTP/1.1 response off `s` (byte by byte, so nothing after it is consumed): its head,
+/// then its body as framed by `Content-Length`, chunked coding, or the end of the connection.
+/// `None` when the connection ends before a status line.
+pub async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Option<RawResponse> {
+    read_response_to(s, false).await
+}
+
+/// [`read_response`] for a response to `CONNECT` when `connect` is set: a 2xx has no body (the
+/// tunnel starts after the head).
+pub async fn read_response_to<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    connect: bool,
+) -> Option<RawResponse> {
+    let mut head = String::new();
+    loop {
+        let line = read_line(s).await?;
+        if line.is_empty() {
+            break;
+        }
+        head.push_str(&line);
+        head.push_str("\r\n");
+    }
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let mut response = RawResponse {
+        status,
+        head,
+        body: Vec::new(),
+    };
+    let chunked = response
+        .header("transfer-encoding")
+        .is_some_and(|te| te.eq_ignore_ascii_case("chunked"));
+    if let Some(len) = response.header("content-length") {
+        let len: usize = len.parse().unwrap();
+        while response.body.len() < len {
+            match read_byte(s).await {
+                Some(b) => response.body.push(b),
+                None => break,
+            }
+        }
+    } else if chunked {
+        while let Some(size) = read_line(s).await {
+            let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16).unwrap();
+            for _ in 0..size {
+                response.body.push(read_byte(s).await.unwrap());
+            }
+            read_line(s).await;
+            if size == 0 {
+                break;
+            }
+        }
+    } else if !(status == 204
+        || status == 304
+        || (100..200).contains(&status)
+        || (connect && (200..300).contains(&status)))
+    {
+        while let Some(b) = read_byte(s).await {
+            response.body.push(b);
+        }
+    }
+    Some(response)
+}
+
+/// Every response on `s` until the connection ends.
+pub async fn read_responses<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Vec<RawResponse> {
+    let mut all = Vec::new();
+    while let Some(response) = read_response(s).await {
+        all.push(response);
+    }
+    all
+}
+
+/// Writes `request` as raw bytes on `s` (a write the server cuts short by closing is not an
+/// error: its answer is what the test looks at) and reads the first response (only the head of a
+/// 2xx to a `CONNECT`: the tunnel is then open).
+pub async fn exchange_raw<S>(s: &mut S, request: &[u8]) -> RawResponse
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let write = async {
+        let _ = tokio::io::AsyncWriteExt::write_all(s, request).await;
+        let _ = tokio::io::AsyncWriteExt::flush(s).await;
+    };
+    tokio::time::timeout(Duration::from_secs(10), write)
+        .await
+        .expect("request written in time");
+    read_response_to(s, request.starts_with(b"CONNECT "))
+        .await
+        .expect("a response before the connection ended")
+}
+
+/// Sends `request` as raw bytes on a new connection to `addr` (for malformed HTTP no client
+/// library would send) and reads the first response.
+pub async fn send_raw(addr: SocketAddr, request: &[u8]) -> RawResponse {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    exchange_raw(&mut s, request).await
+}
+
+/// A TCP listener on 127.0.0.1 that accepts connections and swallows their bytes, counting both:
+/// to prove that nothing reached a destination.
+pub struct TcpSink {
+    pub addr: SocketAddr,
+    pub accepted: Arc<std::sync::atomic::AtomicUsize>,
+    pub bytes: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl TcpSink {
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+pub async fn tcp_sink() -> TcpSink {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let bytes = Arc::new(AtomicUsize::new(0));
+    let (a, b) = (accepted.clone(), bytes.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            a.fetch_add(1, Ordering::SeqCst);
+            let b = b.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    b.fetch_add(n, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    TcpSink {
+        addr,
+        accepted,
+        bytes,
     }
 }
