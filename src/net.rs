@@ -220,12 +220,17 @@ fn is_local_address(ip: IpAddr) -> bool {
     }
 }
 
-/// What the proxy itself is on the network: its listeners (never a destination) and the sockets
-/// it has opened (never a client). Shared by every snapshot's dialer.
+/// What the proxy itself is on the network: its listeners (never a destination) and the
+/// connections it has opened (never a client). Shared by every snapshot's dialer.
 #[derive(Debug, Clone)]
 pub struct Own {
     listeners: Arc<[SocketAddr]>,
-    opened: Arc<Mutex<HashSet<SocketAddr>>>,
+    opened: Arc<Mutex<HashSet<(SocketAddr, SocketAddr)>>>,
+}
+
+/// The canonical form of a socket address (`::ffff:a.b.c.d` is `a.b.c.d`).
+fn canonical_socket(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(canonical(addr.ip()), addr.port())
 }
 
 impl Own {
@@ -242,32 +247,38 @@ impl Own {
         &self.listeners
     }
 
-    /// Whether a connection from `peer` is one the proxy opened itself (a loop through one of
-    /// its own listeners, which must never be taken for a client).
-    pub fn opened(&self, peer: SocketAddr) -> bool {
-        let opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
-        opened.contains(&peer)
-            || opened.contains(&SocketAddr::new(canonical(peer.ip()), peer.port()))
-    }
-
-    fn register(&self, local: SocketAddr) -> OpenedSocket {
-        let local = SocketAddr::new(canonical(local.ip()), local.port());
+    /// Whether an accepted connection (from `peer`, to `local`) is one the proxy opened itself: a
+    /// loop through one of its own listeners, which must never be taken for a client. The whole
+    /// address pair is compared: the kernel reuses an ephemeral port for connections to other
+    /// destinations, so a client may well have the same local port as one of ours.
+    pub fn opened(&self, peer: SocketAddr, local: SocketAddr) -> bool {
+        let pair = (canonical_socket(peer), canonical_socket(local));
         self.opened
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(local);
+            .contains(&pair)
+    }
+
+    /// Records a connection the proxy opened from `local` to `remote`, for as long as the
+    /// returned value lives.
+    fn register(&self, local: SocketAddr, remote: SocketAddr) -> OpenedSocket {
+        let pair = (canonical_socket(local), canonical_socket(remote));
+        self.opened
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(pair);
         OpenedSocket {
             opened: self.opened.clone(),
-            local,
+            pair,
         }
     }
 }
 
-/// Keeps an upstream socket's local address in [`Own`] for as long as the socket lives.
+/// Keeps an upstream connection's address pair in [`Own`] for as long as the socket lives.
 #[derive(Debug)]
 pub struct OpenedSocket {
-    opened: Arc<Mutex<HashSet<SocketAddr>>>,
-    local: SocketAddr,
+    opened: Arc<Mutex<HashSet<(SocketAddr, SocketAddr)>>>,
+    pair: (SocketAddr, SocketAddr),
 }
 
 impl Drop for OpenedSocket {
@@ -275,7 +286,7 @@ impl Drop for OpenedSocket {
         self.opened
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.local);
+            .remove(&self.pair);
     }
 }
 
@@ -405,7 +416,10 @@ impl Dialer {
                 Ok(Ok(stream)) => {
                     // Small writes (TLS records, request heads) must not wait for Nagle.
                     let _ = stream.set_nodelay(true);
-                    let opened = stream.local_addr().ok().map(|l| self.own.register(l));
+                    let opened = stream
+                        .local_addr()
+                        .ok()
+                        .map(|local| self.own.register(local, addr));
                     return Ok(Dialed {
                         stream,
                         addr,
@@ -554,12 +568,17 @@ mod tests {
     #[test]
     fn sockets_the_proxy_opened_are_known_while_they_live() {
         let own = Own::new(vec!["127.0.0.1:3128".parse().unwrap()]);
-        let local: SocketAddr = "127.0.0.1:40000".parse().unwrap();
-        let opened = own.register(local);
-        assert!(own.opened(local));
-        assert!(own.opened("[::ffff:127.0.0.1]:40000".parse().unwrap()));
-        assert!(!own.opened("127.0.0.1:40001".parse().unwrap()));
+        let sa = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let opened = own.register(sa("127.0.0.1:40000"), sa("127.0.0.1:3128"));
+        assert!(own.opened(sa("127.0.0.1:40000"), sa("127.0.0.1:3128")));
+        assert!(own.opened(
+            sa("[::ffff:127.0.0.1]:40000"),
+            sa("[::ffff:127.0.0.1]:3128")
+        ));
+        // The same local port towards another destination is someone else's connection.
+        assert!(!own.opened(sa("127.0.0.1:40000"), sa("127.0.0.1:9090")));
+        assert!(!own.opened(sa("127.0.0.1:40001"), sa("127.0.0.1:3128")));
         drop(opened);
-        assert!(!own.opened(local));
+        assert!(!own.opened(sa("127.0.0.1:40000"), sa("127.0.0.1:3128")));
     }
 }

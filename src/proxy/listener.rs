@@ -31,7 +31,10 @@ pub async fn accept_loop(state: &Arc<State>, listener: &TcpListener) {
                 continue;
             }
         };
-        if state.own.opened(peer) {
+        if stream
+            .local_addr()
+            .is_ok_and(|local| state.own.opened(peer, local))
+        {
             // The proxy dialled itself: a loop, and never a client (whatever network it is in).
             tracing::warn!(%peer, "refused a connection the proxy opened to itself");
             count_refusal(state, &ProxyError::Loop);
