@@ -335,3 +335,127 @@ async fn check_validates_oauth2_without_minting() {
     assert!(text.contains("credentials.bad.oauth2.token_url"), "{text}");
     assert_eq!(tokens.attempts(), 0, "check never mints");
 }
+
+/// The canary: the real binary at debug log level mints canary tokens, injects them on plain and
+/// intercepted requests, sees them echoed and sent back by a client, meets a failing endpoint
+/// whose error body holds the client secret; neither the client secret nor any minted token is
+/// in stdout (audit), stderr (logs), `/metrics` or any response body.
+// Multi-threaded: `terminate` blocks this thread while the client's pooled h2 connection (in
+// this runtime) answers the proxy's GOAWAY.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_no_client_secret_or_minted_token_reaches_any_output() {
+    use std::io::Read;
+    let (tokens, endpoint) = token_server(3).await;
+    let plain = protected_http(&tokens).await;
+    let (tls, upstream_ca) = protected_tls(&tokens, &["secure.test"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("upstream-ca.pem"), &upstream_ca).unwrap();
+    let body = format!(
+        "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[audit]\noutput = \"stdout\"\n{}",
+        config(endpoint.port(), plain.port(), tls.port(), "")
+            .replace("{ file = \"client-secret\" }", "{ env = \"PORTCULLIS_CANARY_CLIENT_SECRET\" }")
+    );
+    let path = dir.path().join("canary.toml");
+    std::fs::write(&path, body).unwrap();
+    let mut running = spawn_binary(
+        &["run", "-c", path.to_str().unwrap()],
+        &[
+            ("RUST_LOG", "debug"),
+            ("PORTCULLIS_CANARY_CLIENT_SECRET", CLIENT_SECRET),
+        ],
+        std::process::Stdio::piped(),
+    );
+    // Audit events on stdout are read as they come (a full pipe would stall the proxy).
+    let mut pipe = running.child.0.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        pipe.read_to_string(&mut out).unwrap();
+        out
+    });
+    let ca = std::fs::read_to_string(dir.path().join("state/ca.pem")).unwrap();
+    let client = proxied_tls_client(&running.proxy, &ca);
+    let plain_url = |p: &str| format!("http://plain.test:{}{p}", plain.port());
+    let tls_url = |p: &str| format!("https://secure.test:{}{p}", tls.port());
+    let mut bodies = Vec::new();
+    // 3 s tokens: several are minted over these ~4 s.
+    for i in 0..20 {
+        let url = if i % 2 == 0 {
+            plain_url("/echo")
+        } else {
+            tls_url("/echo")
+        };
+        let r = client.get(url).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        bodies.push(r.text().await.unwrap());
+        // A client that learned the current token sends it back in a query and a header: the
+        // audit event must not show it.
+        let current = tokens.tokens().pop().unwrap();
+        let r = client
+            .get(tls_url(&format!("/x?note={current}")))
+            .header("x-client-note", current.as_str())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        bodies.push(r.text().await.unwrap());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(tokens.mints() >= 2, "{}", tokens.mints());
+    // The endpoint fails (its error body holds the client secret): 503s, then recovery.
+    tokens.failing.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let r = client.get(plain_url("/x")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    bodies.push(proxy_status(&r));
+    bodies.push(r.text().await.unwrap());
+    tokens.failing.store(false, Ordering::SeqCst);
+    let metrics = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("{}/metrics", running.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics
+        .contains("portcullis_credential_refreshes_total{credential=\"api\",result=\"failure\"}"));
+
+    assert_eq!(running.child.terminate(Duration::from_secs(20)), Some(0));
+    let stdout = reader.join().unwrap();
+    let mut stderr = running.startup.clone();
+    stderr.extend(running.drain_lines());
+    let stderr = stderr.join("\n");
+    assert!(stderr.contains("DEBUG"), "debug logging was on");
+    assert!(stdout.lines().count() >= 40, "audit events: {stdout}");
+    assert!(
+        stdout.contains("\"x-client-note\":\"<HIDDEN>\""),
+        "{stdout}"
+    );
+    assert!(stdout.contains("note=<HIDDEN>"), "{stdout}");
+    let issued = tokens.tokens();
+    let mut secrets: Vec<String> = issued.clone();
+    secrets.push(CLIENT_SECRET.to_owned());
+    secrets.push(common::oauth::form_decode("canary-client-secret-7Hq2"));
+    secrets.push("canary-endpoint-error-body".to_owned());
+    secrets.push("canary-minted-token".to_owned());
+    for secret in &secrets {
+        assert!(
+            !stdout.contains(secret.as_str()),
+            "{secret} in stdout:\n{stdout}"
+        );
+        assert!(
+            !stderr.contains(secret.as_str()),
+            "{secret} in stderr:\n{stderr}"
+        );
+        assert!(!metrics.contains(secret.as_str()), "{secret} in /metrics");
+        for body in &bodies {
+            assert!(
+                !body.contains(secret.as_str()),
+                "{secret} in a response: {body}"
+            );
+        }
+    }
+}
