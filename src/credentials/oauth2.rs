@@ -26,6 +26,9 @@ pub const DEFAULT_REFRESH_BEFORE: Duration = Duration::from_secs(60);
 /// The lifetime of a token whose answer names none.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
 
+/// The longest lifetime believed (a larger `expires_in` is cut to it).
+pub const MAX_LIFETIME: Duration = Duration::from_secs(366 * 24 * 3600);
+
 /// How the client authenticates at the token endpoint.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -224,7 +227,8 @@ impl OAuth2 {
             _ => None,
         }
         .filter(|d| !d.is_zero())
-        .unwrap_or(DEFAULT_LIFETIME);
+        .unwrap_or(DEFAULT_LIFETIME)
+        .min(MAX_LIFETIME);
         Ok(TokenAnswer { token, lifetime })
     }
 
@@ -303,6 +307,8 @@ mod tests {
         let a = OAuth2::parse_answer(br#"{"access_token":"t"}"#).unwrap();
         assert_eq!(a.lifetime, DEFAULT_LIFETIME);
         assert!(OAuth2::parse_answer(b"{}").is_err());
+        let a = OAuth2::parse_answer(br#"{"access_token":"t","expires_in":18446744073709551615}"#);
+        assert_eq!(a.unwrap().lifetime, MAX_LIFETIME);
         assert!(OAuth2::parse_answer(br#"{"access_token":"a\nb"}"#).is_err());
         let c = OAuth2::build("x", &spec(ClientAuth::Basic), Path::new(".")).unwrap();
         assert_eq!(

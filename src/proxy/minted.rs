@@ -274,8 +274,11 @@ impl MintedEntry {
         let answer = tokio::time::timeout(MINT_TIMEOUT, exchange)
             .await
             .map_err(|_| "the token endpoint did not answer in time".to_owned())??;
-        let expires = sent + answer.lifetime;
-        let refresh_at = expires - c.refresh_before(answer.lifetime);
+        // The lifetime is at most a year (`MAX_LIFETIME`): no overflow.
+        let expires = sent.checked_add(answer.lifetime).unwrap_or(sent);
+        let refresh_at = expires
+            .checked_sub(c.refresh_before(answer.lifetime))
+            .unwrap_or(sent);
         let credential =
             Credential::minted_bearer(c.name.clone(), answer.token).map_err(|e| e.to_string())?;
         Ok(Token {
