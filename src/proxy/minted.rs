@@ -288,3 +288,43 @@ impl MintedEntry {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    use super::*;
+    use crate::credentials::{OAuth2Spec, SecretSource};
+
+    fn config(name: &str, scope: &str) -> Arc<OAuth2> {
+        let spec = OAuth2Spec {
+            token_url: "https://auth.example/token".into(),
+            client_id: "c".into(),
+            client_secret: SecretSource::Value("s".into()),
+            scopes: vec![scope.into()],
+            audience: None,
+            client_auth: Default::default(),
+            extra: BTreeMap::new(),
+            refresh_before_seconds: None,
+        };
+        Arc::new(OAuth2::build(name, &spec, Path::new(".")).unwrap())
+    }
+
+    #[test]
+    fn entries_survive_an_unchanged_configuration_only() {
+        let cache = TokenCache::default();
+        let first = cache.entry(&config("api", "a"));
+        // The same configuration from another snapshot (another Arc): the same entry.
+        assert!(Arc::ptr_eq(&first, &cache.entry(&config("api", "a"))));
+        // A changed configuration: a new entry, which replaces the old one.
+        let changed = cache.entry(&config("api", "b"));
+        assert!(!Arc::ptr_eq(&first, &changed));
+        assert!(Arc::ptr_eq(&changed, &cache.entry(&config("api", "b"))));
+        // A reload that drops or changes the credential drops its entry.
+        let mut configured = crate::credentials::Minted::new();
+        configured.insert("api".into(), config("api", "c"));
+        cache.retain(&configured);
+        assert!(!Arc::ptr_eq(&changed, &cache.entry(&config("api", "b"))));
+    }
+}
