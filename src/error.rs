@@ -87,6 +87,15 @@ pub enum ProxyError {
     /// Shutting down.
     #[error("the proxy is shutting down")]
     Draining,
+    /// A minted credential (spec §10) cannot be obtained and no valid cached token is left.
+    /// `why` never holds a secret nor anything from a token endpoint's body.
+    #[error("credential {name} is unavailable: {why}")]
+    CredentialUnavailable {
+        /// The credential's name.
+        name: String,
+        /// Why minting failed (a status code, a fixed reason).
+        why: String,
+    },
     /// The request already went through this proxy.
     #[error("request loop detected: the request already passed through portcullis")]
     Loop,
@@ -217,6 +226,13 @@ impl ProxyError {
             Self::Internal(_) => (S::INTERNAL_SERVER_ERROR, INTERNAL, "internal", false, None),
             Self::Overloaded => (S::SERVICE_UNAVAILABLE, INTERNAL, "overloaded", false, None),
             Self::Draining => (S::SERVICE_UNAVAILABLE, INTERNAL, "draining", false, None),
+            Self::CredentialUnavailable { .. } => (
+                S::SERVICE_UNAVAILABLE,
+                INTERNAL,
+                "credential_unavailable",
+                false,
+                None,
+            ),
         };
         Class {
             status,
@@ -437,6 +453,10 @@ mod tests {
             ProxyError::Internal("x".into()),
             ProxyError::Overloaded,
             ProxyError::Draining,
+            ProxyError::CredentialUnavailable {
+                name: "c".into(),
+                why: "token endpoint answered 500".into(),
+            },
             ProxyError::Loop,
             ProxyError::ProxyAuthRequired("x".into()),
             ProxyError::Misdirected {
@@ -444,7 +464,7 @@ mod tests {
                 tunnel: "b".into(),
             },
         ]);
-        let mut covered = [false; 16];
+        let mut covered = [false; 17];
         for e in &errors {
             covered[match e {
                 ProxyError::BadRequest(_) => 0,
@@ -463,6 +483,7 @@ mod tests {
                 ProxyError::Loop => 13,
                 ProxyError::ProxyAuthRequired(_) => 14,
                 ProxyError::Misdirected { .. } => 15,
+                ProxyError::CredentialUnavailable { .. } => 16,
             }] = true;
         }
         assert!(

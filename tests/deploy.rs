@@ -764,6 +764,10 @@ fn alert_unit_tests_cover_the_tunnel_only_alerts_with_exported_series() {
                     ]
                     .contains(&label("result")));
                 }
+                "portcullis_credential_refreshes_total" => {
+                    assert_eq!(keys, ["credential", "result"], "{selector}");
+                    assert!(portcullis::telemetry::REFRESH_RESULTS.contains(&label("result")));
+                }
                 TUNNELS => {
                     assert_eq!(keys, ["client", "decision", "rule"], "{selector}");
                     assert!(["allow", "deny", "would_deny"].contains(&label("decision")));

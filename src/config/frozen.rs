@@ -132,6 +132,8 @@ pub struct Config {
     pub audit: AuditSettings,
     /// Resolved credentials.
     pub credentials: Credentials,
+    /// Minted credentials (spec §10), resolved; the proxy's token cache mints them.
+    pub minted: crate::credentials::Minted,
     /// Host rules in file order.
     pub rules: Vec<Rule>,
     /// Clients (empty: everyone is `anonymous`).

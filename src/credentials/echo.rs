@@ -52,6 +52,15 @@ impl Echoes {
         !found.is_empty()
     }
 
+    /// `text` with every occurrence replaced by `with`, or `None` when there is none.
+    pub fn replace_all(&self, text: &str, with: &str) -> Option<String> {
+        if !self.automaton.is_match(text) {
+            return None;
+        }
+        let replacements = vec![with; self.automaton.patterns_len()];
+        Some(self.automaton.replace_all(text, &replacements))
+    }
+
     /// Masks every header value that holds an occurrence.
     pub fn mask_headers(&self, headers: &mut HeaderMap) {
         for value in headers.values_mut() {

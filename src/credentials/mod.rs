@@ -6,11 +6,13 @@
 //! through [`Secret::expose`] for the audit masker.
 
 mod echo;
+pub mod oauth2;
 mod secret;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 
 use base64::Engine;
 use http::{HeaderName, HeaderValue};
@@ -18,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 pub use echo::{Echoes, Masked};
+pub use oauth2::{ClientAuth, OAuth2, OAuth2Spec};
 pub use secret::{Secret, SecretError, SecretSource};
 
 /// A `[credentials.NAME]` entry as written.
@@ -43,6 +46,8 @@ pub enum CredentialSpec {
         /// The secret.
         value: SecretSource,
     },
+    /// Minted: an OAuth 2.0 client-credentials token, `Authorization: Bearer <token>` (spec §10).
+    Oauth2(OAuth2Spec),
 }
 
 impl CredentialSpec {
@@ -52,13 +57,16 @@ impl CredentialSpec {
             Self::Bearer(s) => (s, "bearer"),
             Self::Basic { password, .. } => (password, "basic.password"),
             Self::Header { value, .. } => (value, "header.value"),
+            Self::Oauth2(o) => (&o.client_secret, "oauth2.client_secret"),
         }
     }
 
     /// The header this credential sets.
     pub fn header_name(&self) -> Result<HeaderName, http::header::InvalidHeaderName> {
         match self {
-            Self::Bearer(_) | Self::Basic { .. } => Ok(http::header::AUTHORIZATION),
+            Self::Bearer(_) | Self::Basic { .. } | Self::Oauth2(_) => {
+                Ok(http::header::AUTHORIZATION)
+            }
             Self::Header { name, .. } => HeaderName::from_bytes(name.as_bytes()),
         }
     }
@@ -100,6 +108,12 @@ pub enum CredentialError {
     /// The username or prefix is not header-safe.
     #[error("{0} contains characters that cannot be sent in an HTTP header")]
     NotHeaderSafe(&'static str),
+    /// `oauth2.token_url` is not an absolute `http(s)://` URL without userinfo.
+    #[error("token_url {0:?} is not an absolute http:// or https:// URL")]
+    TokenUrl(String),
+    /// A minted kind has no static value (it is built by the token cache).
+    #[error("a minted credential has no static value")]
+    Minted,
 }
 
 impl Credential {
@@ -155,6 +169,7 @@ impl Credential {
             CredentialSpec::Header { prefix, .. } => {
                 format!("{}{}", prefix.as_deref().unwrap_or(""), secret.expose())
             }
+            CredentialSpec::Oauth2(_) => return Err(CredentialError::Minted),
         });
         let mut value = HeaderValue::from_str(&text)
             .map_err(|_| CredentialError::NotHeaderSafe("header.prefix"))?;
@@ -172,6 +187,29 @@ impl Credential {
     }
 }
 
+impl Credential {
+    /// The credential a minted bearer `token` injects: `Authorization: Bearer <token>`, with the
+    /// token (and the full header value) as what must not come back in a response.
+    pub fn minted_bearer(
+        name: Arc<str>,
+        token: Zeroizing<String>,
+    ) -> Result<Self, CredentialError> {
+        let secret = Secret::from_value(token);
+        let text = Zeroizing::new(format!("Bearer {}", secret.expose()));
+        let mut value = HeaderValue::from_str(&text)
+            .map_err(|_| CredentialError::NotHeaderSafe("access_token"))?;
+        value.set_sensitive(true);
+        let echoes = Echoes::new(&[secret.expose().as_bytes()]).map(Arc::new);
+        Ok(Self {
+            name,
+            header: http::header::AUTHORIZATION,
+            value,
+            secret,
+            echoes,
+        })
+    }
+}
+
 /// Injects `cred`, overwriting: every client-sent header of the same name goes first.
 pub fn inject(headers: &mut http::HeaderMap, cred: &Credential) {
     headers.remove(&cred.header);
@@ -180,6 +218,9 @@ pub fn inject(headers: &mut http::HeaderMap, cred: &Credential) {
 
 /// All resolved credentials of a snapshot, by name.
 pub type Credentials = BTreeMap<String, Credential>;
+
+/// All minted credentials of a snapshot (resolved, not yet minted), by name.
+pub type Minted = BTreeMap<String, Arc<OAuth2>>;
 
 #[cfg(test)]
 mod tests {

@@ -67,6 +67,11 @@ impl Secret {
         &self.0
     }
 
+    /// A secret obtained at runtime (a minted token).
+    pub(super) fn from_value(value: Zeroizing<String>) -> Self {
+        Self(value)
+    }
+
     /// A stand-in for a secret that was not read, so [`super::Credential::check`] runs the same
     /// checks as a real build. Header-safe, like any resolved secret, so it decides nothing.
     pub(super) fn placeholder() -> Self {

@@ -15,6 +15,7 @@ mod headers;
 mod intercept;
 pub mod keepalive;
 mod listener;
+pub mod minted;
 mod outcome;
 pub mod reload;
 mod request;

@@ -31,6 +31,7 @@ use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 
 use super::headers::{precheck, prepare_request_headers, prepare_response_headers};
+use super::minted::Token;
 use super::outcome;
 use super::state::{ConnCtx, Snapshot};
 use super::upstream::{self, UpstreamAddr};
@@ -161,8 +162,14 @@ pub async fn handle(
     // The upstream client derives Host (HTTP/1.1) or :authority (h2) from the absolute URI, so
     // what is sent is exactly what policy judged.
     parts.headers.remove(header::HOST);
-    let injected = apply_credential(conn, snap, rule, &mut parts.headers, record);
-    let echoes = injected.and_then(|cred| cred.echoes.clone());
+    let injected = match apply_credential(conn, snap, rule, &mut parts.headers, record).await {
+        Ok(injected) => injected,
+        Err(err) => {
+            body::discard(incoming).await;
+            return Err(err);
+        }
+    };
+    let echoes = injected.and_then(|i| i.credential().echoes.clone());
     if echoes.is_some() {
         // Echoes are masked in the bytes as they come: a compressed body would hide them.
         parts.headers.insert(
@@ -292,17 +299,34 @@ pub fn refuse_userinfo(authority: &Authority) -> Result<(), ProxyError> {
 }
 
 /// Injects the rule's credential (overwriting any client-sent header of that name), counts it
-/// and names it in the audit record.
-fn apply_credential<'s>(
+/// and names it in the audit record. A minted credential (spec §10) comes from the token cache:
+/// minted now if there is no valid token, or the request fails (503) naming the credential.
+async fn apply_credential<'s>(
     conn: &ConnCtx,
     snap: &'s Snapshot,
     rule: Option<&Rule>,
     headers: &mut HeaderMap,
     record: &mut Record,
-) -> Option<&'s Credential> {
-    let cred = rule
-        .and_then(|r| r.credential.as_ref())
-        .and_then(|c| snap.config.credentials.get(c))?;
+) -> Result<Option<Injected<'s>>, ProxyError> {
+    let Some(name) = rule.and_then(|r| r.credential.as_ref()) else {
+        return Ok(None);
+    };
+    let injected = if let Some(cred) = snap.config.credentials.get(name) {
+        Injected::Static(cred)
+    } else if let Some(minted) = snap.config.minted.get(name) {
+        record.event.credential = Some(minted.name.clone());
+        let entry = conn.state.tokens.entry(minted);
+        let token = entry
+            .token(&snap.upstreams, &conn.state.telemetry.metrics)
+            .await?;
+        if let Some(echoes) = &token.credential.echoes {
+            record.minted_secret(echoes.clone());
+        }
+        Injected::Minted(token)
+    } else {
+        return Ok(None);
+    };
+    let cred = injected.credential();
     inject(headers, cred);
     record.event.credential = Some(cred.name.clone());
     conn.state
@@ -311,7 +335,22 @@ fn apply_credential<'s>(
         .credential_injections
         .with_label_values(&[&*cred.name])
         .inc();
-    Some(cred)
+    Ok(Some(injected))
+}
+
+/// The credential a request carries: a snapshot's static one, or a minted token.
+enum Injected<'s> {
+    Static(&'s Credential),
+    Minted(Arc<Token>),
+}
+
+impl Injected<'_> {
+    fn credential(&self) -> &Credential {
+        match self {
+            Self::Static(cred) => cred,
+            Self::Minted(token) => &token.credential,
+        }
+    }
 }
 
 /// Secrets do not come back: the response to a request that carried an injected credential has

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::keepalive::{IoCounter, LINGER};
+use super::minted::TokenCache;
 use super::upstream::Upstreams;
 use crate::config::Config;
 use crate::identity::Clients;
@@ -68,6 +69,8 @@ pub struct State {
     pub interceptor: Interceptor,
     /// Audit events and metrics.
     pub telemetry: Arc<Telemetry>,
+    /// Minted credentials' tokens (kept across reloads that leave a credential unchanged).
+    pub tokens: TokenCache,
     connections: Arc<Semaphore>,
 }
 
@@ -80,7 +83,11 @@ impl State {
         telemetry: Arc<Telemetry>,
         max_connections: usize,
     ) -> Self {
+        telemetry
+            .metrics
+            .export_credentials_at_zero(snapshot.config.minted.keys().map(String::as_str));
         Self {
+            tokens: TokenCache::default(),
             snapshot: ArcSwap::from_pointee(snapshot),
             own,
             tasks: TaskTracker::new(),
@@ -99,6 +106,10 @@ impl State {
 
     /// Replaces the snapshot: requests that start from now on use `snapshot`.
     pub fn swap(&self, snapshot: Snapshot) {
+        self.telemetry
+            .metrics
+            .export_credentials_at_zero(snapshot.config.minted.keys().map(String::as_str));
+        self.tokens.retain(&snapshot.config.minted);
         self.snapshot.store(Arc::new(snapshot));
     }
 

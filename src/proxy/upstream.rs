@@ -159,7 +159,9 @@ pub fn https_client(dialer: Dialer, tls: rustls::ClientConfig) -> HttpsClient {
         .build(connector)
 }
 
-/// A snapshot's pooled clients: one for `http://` upstreams, one for `https://` ones.
+/// A snapshot's pooled clients: one for `http://` upstreams, one for `https://` ones. Clones
+/// share the pools.
+#[derive(Clone)]
 pub struct Upstreams {
     http: HttpClient,
     https: HttpsClient,

@@ -101,6 +101,9 @@ impl Masker {
                 }
             }
         }
+        for minted in config.minted.values() {
+            secrets.push(Zeroizing::new(minted.client_secret.expose().to_owned()));
+        }
         for client in &config.clients {
             if let Some(token) = &client.token {
                 secrets.push(Zeroizing::new(token.expose().to_owned()));

@@ -24,7 +24,7 @@ use crate::telemetry::event::Decision;
 
 /// Every metric family the proxy exports (histograms also as `_bucket`, `_sum`, `_count`), besides
 /// the process collector's `process_*` families. Dashboards and alert rules may use only these.
-pub const EXPORTED: [&str; 15] = [
+pub const EXPORTED: [&str; 17] = [
     "portcullis_requests_total",
     "portcullis_request_duration_seconds",
     "portcullis_tunnels_total",
@@ -40,7 +40,12 @@ pub const EXPORTED: [&str; 15] = [
     "portcullis_audit_events_dropped_total",
     "portcullis_proxy_auth_failures_total",
     "portcullis_certificate_errors_total",
+    "portcullis_credential_refreshes_total",
+    "portcullis_credential_expiry_timestamp_seconds",
 ];
+
+/// The `result` labels of `portcullis_credential_refreshes_total`.
+pub const REFRESH_RESULTS: [&str; 2] = ["success", "failure"];
 
 /// The `result` label of `portcullis_config_reloads_total` for a reload that took effect.
 pub const RELOAD_SUCCESS: &str = "success";
@@ -75,6 +80,10 @@ pub struct Metrics {
     pub active_tunnels: IntGauge,
     /// `portcullis_credential_injections_total{credential}`
     pub credential_injections: IntCounterVec,
+    /// `portcullis_credential_refreshes_total{credential, result}`: mints of minted credentials.
+    pub credential_refreshes: IntCounterVec,
+    /// `portcullis_credential_expiry_timestamp_seconds{credential}`: when the cached token expires.
+    pub credential_expiry: IntGaugeVec,
     /// `portcullis_denials_total{reason}`: refused requests, tunnels and connections (never a
     /// report-mode would-be denial, which is let through; it shows as `decision="would_deny"`).
     pub denials: IntCounterVec,
@@ -222,6 +231,22 @@ impl Metrics {
                 "portcullis_audit_events_dropped_total",
                 "Audit events dropped because the audit queue was full.",
             )?,
+            credential_refreshes: counter_vec(
+                "portcullis_credential_refreshes_total",
+                "Attempts to mint a minted credential's token, by result.",
+                &["credential", "result"],
+            )?,
+            credential_expiry: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "portcullis_credential_expiry_timestamp_seconds",
+                        "Unix time the cached token of a minted credential expires.",
+                    ),
+                    &["credential"],
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             auth_failures: counter_vec(
                 "portcullis_proxy_auth_failures_total",
                 "Requests with missing or wrong proxy credentials.",
@@ -246,12 +271,18 @@ impl Metrics {
         for kind in UPSTREAM_KINDS {
             self.upstream_errors.with_label_values(&[kind]);
         }
-        // Credential results belong here too, with their counters (a later issue):
-        // `portcullis_credential_refreshes_total{credential, result}` and
-        // `portcullis_oidc_verifications_total{issuer, result}` at 0 for every configured
-        // credential / issuer and every result of spec §8. Their first label comes from the
-        // configuration, so this will need the configured names, and a reload that adds one must
-        // create its series as well.
+        // `portcullis_credential_refreshes_total` takes its first label from the configuration:
+        // see [`Metrics::export_credentials_at_zero`], called for every snapshot.
+    }
+
+    /// Creates, at 0, `portcullis_credential_refreshes_total` for every result of each of
+    /// `credentials` (the minted credentials of a snapshot being put in service).
+    pub fn export_credentials_at_zero<'a>(&self, credentials: impl IntoIterator<Item = &'a str>) {
+        for name in credentials {
+            for result in REFRESH_RESULTS {
+                self.credential_refreshes.with_label_values(&[name, result]);
+            }
+        }
     }
 
     /// The Prometheus text exposition of every metric.
@@ -432,7 +463,12 @@ mod tests {
         m.upstream_errors.with_label_values(&["dns"]).inc();
         m.config_reloads.with_label_values(&["success"]).inc();
         m.auth_failures.with_label_values(&["unknown"]).inc();
+        m.export_credentials_at_zero(["api"]);
+        m.credential_expiry.with_label_values(&["api"]).set(1);
         let text = m.render();
+        assert!(text.contains(
+            "portcullis_credential_refreshes_total{credential=\"api\",result=\"failure\"} 0"
+        ));
         for name in EXPORTED {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
         }

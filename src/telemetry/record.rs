@@ -15,6 +15,7 @@ use http::{HeaderMap, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
 use crate::body::{self, Body, BoxError};
+use crate::credentials::Echoes;
 use crate::error::ProxyError;
 use crate::telemetry::event::{Decision, Event, Kind};
 use crate::telemetry::mask::Masker;
@@ -31,6 +32,8 @@ pub struct Record {
     /// The metric label of the rule (`none` until one matches).
     pub rule_label: Arc<str>,
     masker: Arc<Masker>,
+    /// A minted token injected into this request: scrubbed from the event as well.
+    minted: Option<Arc<Echoes>>,
 }
 
 impl Record {
@@ -73,6 +76,7 @@ impl Record {
             request_body: Arc::new(BodyProgress::default()),
             rule_label: Arc::from("none"),
             masker,
+            minted: None,
         }
     }
 
@@ -94,6 +98,11 @@ impl Record {
     pub fn rule(&mut self, rule: &crate::policy::Rule) {
         self.event.rule = Some(rule.name.clone());
         self.rule_label = rule.name.clone();
+    }
+
+    /// A minted token was injected: its value is scrubbed from the event too.
+    pub fn minted_secret(&mut self, echoes: Arc<Echoes>) {
+        self.minted = Some(echoes);
     }
 
     /// Records the request headers as sent upstream (masked when written).
@@ -172,7 +181,9 @@ impl Record {
                 e.bytes_received,
             ),
         }
-        telemetry.audit.emit(self.event, &self.masker);
+        telemetry
+            .audit
+            .emit_scrubbed(self.event, &self.masker, self.minted);
     }
 
     /// Ends a tunnel record with its byte counts and how it ended.

@@ -13,14 +13,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::config::AuditOutput;
+use crate::credentials::Echoes;
 use crate::telemetry::event::{Event, EventLine};
-use crate::telemetry::mask::Masker;
+use crate::telemetry::mask::{Masker, HIDDEN};
 
 /// Events the queue holds before dropping.
 const QUEUE_EVENTS: usize = 65_536;
 
 enum Message {
-    Event(Box<Event>, Arc<Masker>),
+    Event(Box<Event>, Arc<Masker>, Option<Arc<Echoes>>),
     Reopen(AuditOutput),
     Shutdown,
 }
@@ -100,9 +101,15 @@ impl AuditSink {
     /// Queues an event; never blocks. A full queue drops it, counts it and says so in the log
     /// (at most once every ten seconds).
     pub fn emit(&self, event: Event, masker: &Arc<Masker>) {
+        self.emit_scrubbed(event, masker, None);
+    }
+
+    /// Queues `event`, with `minted` (a minted token's echoes, which no snapshot's masker knows)
+    /// scrubbed from its line as well.
+    pub fn emit_scrubbed(&self, event: Event, masker: &Arc<Masker>, minted: Option<Arc<Echoes>>) {
         match self
             .tx
-            .try_send(Message::Event(Box::new(event), masker.clone()))
+            .try_send(Message::Event(Box::new(event), masker.clone(), minted))
         {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
@@ -170,7 +177,7 @@ fn write_loop(mut out: Output, rx: Receiver<Message>) {
         // Take whatever else is queued, then flush once.
         while let Some(message) = next {
             match message {
-                Message::Event(event, masker) => {
+                Message::Event(event, masker, minted) => {
                     // One buffer for every line: serialize, scrub, write.
                     let mut bytes = std::mem::take(&mut line).into_bytes();
                     bytes.clear();
@@ -186,6 +193,9 @@ fn write_loop(mut out: Output, rx: Receiver<Message>) {
                     .and_then(|text| {
                         line = text;
                         masker.scrub(&mut line);
+                        if let Some(scrubbed) = minted.and_then(|m| m.replace_all(&line, HIDDEN)) {
+                            line = scrubbed;
+                        }
                         line.push('\n');
                         out.write_all(line.as_bytes())
                     });

@@ -21,6 +21,8 @@ use portcullis::config::{self, Config, Origin};
 use portcullis::proxy::{self, ProxyHandle};
 use tokio::net::TcpListener;
 
+pub mod oauth;
+
 /// A proxy running in this process.
 pub struct TestProxy {
     pub handle: ProxyHandle,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::error::Problems;
 use crate::config::Secrets;
-use crate::credentials::{Credential, CredentialSpec, Credentials, SecretSource};
+use crate::credentials::{Credential, CredentialSpec, Credentials, Minted, OAuth2, SecretSource};
 
 /// `[credentials.*]`: with [`Secrets::Resolve`], every secret is resolved now, so a missing one
 /// fails at load, not at the first request that needs it. With [`Secrets::Skip`] the same checks
@@ -19,8 +19,9 @@ pub(super) fn credentials(
     p: &mut Problems,
     warnings: &mut Vec<String>,
     secret_files: &mut Vec<PathBuf>,
-) -> Credentials {
+) -> (Credentials, Minted) {
     let mut credentials = Credentials::new();
+    let mut minted = Minted::new();
     for (name, spec) in specs {
         let (source, sub) = spec.source();
         if let SecretSource::Value(_) = source {
@@ -30,6 +31,29 @@ pub(super) fn credentials(
         }
         if let Some(file) = source.file() {
             secret_files.push(base.join(file));
+        }
+        if let CredentialSpec::Oauth2(o) = spec {
+            // Minted kinds: checked and their secret resolved now; never minted here (§10).
+            match secrets {
+                Secrets::Resolve => match OAuth2::build(name, o, base) {
+                    Ok(c) => {
+                        minted.insert(name.clone(), std::sync::Arc::new(c));
+                    }
+                    Err(e) => p.add(
+                        format!("credentials.{name}.{}", oauth2_key(&e, sub)),
+                        e.to_string(),
+                    ),
+                },
+                Secrets::Skip => {
+                    if let Err(e) = OAuth2::check(o) {
+                        p.add(
+                            format!("credentials.{name}.{}", oauth2_key(&e, sub)),
+                            e.to_string(),
+                        );
+                    }
+                }
+            }
+            continue;
         }
         let built = match secrets {
             Secrets::Resolve => Credential::build(name, spec, base).map(Some),
@@ -43,5 +67,15 @@ pub(super) fn credentials(
             Err(e) => p.add(format!("credentials.{name}.{sub}"), e.to_string()),
         }
     }
-    credentials
+    (credentials, minted)
+}
+
+/// The key an `oauth2` error is about.
+fn oauth2_key(e: &crate::credentials::CredentialError, secret_key: &'static str) -> &'static str {
+    use crate::credentials::CredentialError as E;
+    match e {
+        E::TokenUrl(_) => "oauth2.token_url",
+        E::NotHeaderSafe(_) => "oauth2.client_id",
+        _ => secret_key,
+    }
 }

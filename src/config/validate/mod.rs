@@ -44,7 +44,7 @@ pub(super) fn validate(
 
     let (listen, limits) = listen_and_limits(&raw.listen, &raw.limits, &mut p);
     let network = network(&raw.network, &mut p);
-    let credentials = credentials(
+    let (credentials, minted) = credentials(
         &raw.credentials,
         base,
         secrets,
@@ -80,6 +80,7 @@ pub(super) fn validate(
         mode: raw.policy.mode,
         audit,
         credentials,
+        minted,
         rules,
         clients,
         secret_files,
