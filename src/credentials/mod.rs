@@ -6,6 +6,7 @@
 //! through [`Secret::expose`] for the audit masker.
 
 mod echo;
+pub mod github_app;
 pub mod oauth2;
 mod secret;
 
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 pub use echo::{Echoes, Masked};
+pub use github_app::{GithubApp, GithubAppSpec};
 pub use oauth2::{ClientAuth, OAuth2, OAuth2Spec};
 pub use secret::{Secret, SecretError, SecretSource};
 
@@ -48,6 +50,10 @@ pub enum CredentialSpec {
     },
     /// Minted: an OAuth 2.0 client-credentials token, `Authorization: Bearer <token>` (spec §10).
     Oauth2(OAuth2Spec),
+    /// Minted: a GitHub App installation token, `Authorization: Bearer <token>` or Basic
+    /// `x-access-token:<token>` (spec §10).
+    #[serde(rename = "github_app")]
+    GithubApp(GithubAppSpec),
 }
 
 impl CredentialSpec {
@@ -58,13 +64,14 @@ impl CredentialSpec {
             Self::Basic { password, .. } => (password, "basic.password"),
             Self::Header { value, .. } => (value, "header.value"),
             Self::Oauth2(o) => (&o.client_secret, "oauth2.client_secret"),
+            Self::GithubApp(g) => (&g.private_key, "github_app.private_key"),
         }
     }
 
     /// The header this credential sets.
     pub fn header_name(&self) -> Result<HeaderName, http::header::InvalidHeaderName> {
         match self {
-            Self::Bearer(_) | Self::Basic { .. } | Self::Oauth2(_) => {
+            Self::Bearer(_) | Self::Basic { .. } | Self::Oauth2(_) | Self::GithubApp(_) => {
                 Ok(http::header::AUTHORIZATION)
             }
             Self::Header { name, .. } => HeaderName::from_bytes(name.as_bytes()),
@@ -111,6 +118,18 @@ pub enum CredentialError {
     /// `oauth2.token_url` is not an absolute `http(s)://` URL without userinfo.
     #[error("token_url {0:?} is not an absolute http:// or https:// URL")]
     TokenUrl(String),
+    /// `github_app.api_url` is not an absolute `http(s)://` URL without userinfo or query.
+    #[error("api_url {0:?} is not an absolute http:// or https:// URL")]
+    ApiUrl(String),
+    /// A key that must be digits is not.
+    #[error("{0} must be digits")]
+    NotDigits(&'static str),
+    /// The GitHub App private key is not an RSA private key in PEM form.
+    #[error("the private key ({0}) is not an RSA private key in PEM form")]
+    PrivateKey(String),
+    /// The App JWT could not be signed.
+    #[error("the GitHub App JWT could not be signed")]
+    Signing,
     /// A minted kind has no static value (it is built by the token cache).
     #[error("a minted credential has no static value")]
     Minted,
@@ -169,7 +188,9 @@ impl Credential {
             CredentialSpec::Header { prefix, .. } => {
                 format!("{}{}", prefix.as_deref().unwrap_or(""), secret.expose())
             }
-            CredentialSpec::Oauth2(_) => return Err(CredentialError::Minted),
+            CredentialSpec::Oauth2(_) | CredentialSpec::GithubApp(_) => {
+                return Err(CredentialError::Minted)
+            }
         });
         let mut value = HeaderValue::from_str(&text)
             .map_err(|_| CredentialError::NotHeaderSafe("header.prefix"))?;
@@ -210,6 +231,77 @@ impl Credential {
     }
 }
 
+impl Credential {
+    /// The credential a minted token injects as `Authorization: Basic base64(user:token)` (a
+    /// GitHub App token for git: `x-access-token`), with the token and the base64 form as what
+    /// must not come back in a response.
+    pub fn minted_basic(
+        name: Arc<str>,
+        user: &str,
+        token: Zeroizing<String>,
+    ) -> Result<Self, CredentialError> {
+        let secret = Secret::from_value(token);
+        let pair = Zeroizing::new(format!("{user}:{}", secret.expose()));
+        let encoded =
+            Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(pair.as_bytes()));
+        let text = Zeroizing::new(format!("Basic {}", encoded.as_str()));
+        let mut value = HeaderValue::from_str(&text)
+            .map_err(|_| CredentialError::NotHeaderSafe("access_token"))?;
+        value.set_sensitive(true);
+        let echoes = Echoes::new(&[secret.expose().as_bytes(), encoded.as_bytes()]).map(Arc::new);
+        Ok(Self {
+            name,
+            header: http::header::AUTHORIZATION,
+            value,
+            secret,
+            echoes,
+        })
+    }
+}
+
+/// A minted credential's configuration: what the token cache mints from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Minter {
+    /// An OAuth 2.0 client-credentials grant.
+    OAuth2(OAuth2),
+    /// A GitHub App installation token.
+    GithubApp(GithubApp),
+}
+
+impl Minter {
+    /// The credential's name.
+    pub fn name(&self) -> &Arc<str> {
+        match self {
+            Self::OAuth2(o) => &o.name,
+            Self::GithubApp(g) => &g.name,
+        }
+    }
+
+    /// The configured secret (client secret, private key), for the audit masker.
+    pub fn secret(&self) -> &Secret {
+        match self {
+            Self::OAuth2(o) => &o.client_secret,
+            Self::GithubApp(g) => &g.private_key,
+        }
+    }
+
+    /// The token endpoint.
+    pub fn token_url(&self) -> &http::Uri {
+        match self {
+            Self::OAuth2(o) => &o.token_url,
+            Self::GithubApp(g) => &g.token_url,
+        }
+    }
+
+    /// How long before expiry a token of `lifetime` is refreshed.
+    pub fn refresh_before(&self, lifetime: std::time::Duration) -> std::time::Duration {
+        match self {
+            Self::OAuth2(o) => o.refresh_before(lifetime),
+            Self::GithubApp(g) => g.refresh_before(lifetime),
+        }
+    }
+}
+
 /// Injects `cred`, overwriting: every client-sent header of the same name goes first.
 pub fn inject(headers: &mut http::HeaderMap, cred: &Credential) {
     headers.remove(&cred.header);
@@ -220,7 +312,7 @@ pub fn inject(headers: &mut http::HeaderMap, cred: &Credential) {
 pub type Credentials = BTreeMap<String, Credential>;
 
 /// All minted credentials of a snapshot (resolved, not yet minted), by name.
-pub type Minted = BTreeMap<String, Arc<OAuth2>>;
+pub type Minted = BTreeMap<String, Arc<Minter>>;
 
 #[cfg(test)]
 mod tests {

@@ -82,6 +82,15 @@ impl Secret {
 impl SecretSource {
     /// Resolves the source, with relative files taken from `base`.
     pub fn resolve(&self, base: &Path) -> Result<Secret, SecretError> {
+        self.resolve_lines(base, false)
+    }
+
+    /// Resolves a multi-line secret (a PEM private key): line breaks are allowed inside it.
+    pub fn resolve_multiline(&self, base: &Path) -> Result<Secret, SecretError> {
+        self.resolve_lines(base, true)
+    }
+
+    fn resolve_lines(&self, base: &Path, lines: bool) -> Result<Secret, SecretError> {
         let (value, what) = match self {
             Self::Env(var) => (
                 Zeroizing::new(
@@ -105,7 +114,10 @@ impl SecretSource {
         if value.is_empty() {
             return Err(SecretError::Empty(what));
         }
-        if value.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
+        if value
+            .bytes()
+            .any(|b| b.is_ascii_control() && b != b'\t' && !(lines && (b == b'\n' || b == b'\r')))
+        {
             return Err(SecretError::NotHeaderSafe(what));
         }
         Ok(Secret(value))

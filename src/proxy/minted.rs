@@ -23,7 +23,8 @@ use http_body_util::{BodyExt, Limited};
 
 use super::upstream::Upstreams;
 use crate::body;
-use crate::credentials::{Credential, OAuth2};
+use crate::credentials::github_app::Inject;
+use crate::credentials::{Credential, Minter, OAuth2};
 use crate::error::ProxyError;
 use crate::telemetry::Metrics;
 
@@ -51,18 +52,18 @@ impl std::fmt::Debug for TokenCache {
 impl TokenCache {
     /// The entry of `config`: the cached one when its configuration is the same (a reload that
     /// did not change it keeps its token), else a new, empty one.
-    pub fn entry(&self, config: &Arc<OAuth2>) -> Arc<MintedEntry> {
+    pub fn entry(&self, config: &Arc<Minter>) -> Arc<MintedEntry> {
         let mut entries = match self.entries.lock() {
             Ok(entries) => entries,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if let Some(entry) = entries.get(&*config.name) {
+        if let Some(entry) = entries.get(&**config.name()) {
             if Arc::ptr_eq(&entry.config, config) || *entry.config == **config {
                 return entry.clone();
             }
         }
         let entry = Arc::new(MintedEntry::new(config.clone()));
-        entries.insert(config.name.to_string(), entry.clone());
+        entries.insert(config.name().to_string(), entry.clone());
         entry
     }
 
@@ -92,7 +93,7 @@ struct Attempt {
 
 /// One minted credential: its configuration, its current token, and the single-flight lock.
 pub struct MintedEntry {
-    config: Arc<OAuth2>,
+    config: Arc<Minter>,
     current: RwLock<Option<Arc<Token>>>,
     /// Held by whoever mints (across the token request: a tokio lock).
     minting: tokio::sync::Mutex<()>,
@@ -101,7 +102,7 @@ pub struct MintedEntry {
 }
 
 impl MintedEntry {
-    fn new(config: Arc<OAuth2>) -> Self {
+    fn new(config: Arc<Minter>) -> Self {
         Self {
             config,
             current: RwLock::new(None),
@@ -188,20 +189,20 @@ impl MintedEntry {
             return;
         }
         if let Err(why) = self.mint(upstreams, metrics).await {
-            tracing::warn!(credential = %self.config.name, reason = %why, "credential refresh failed; the cached token stays in use while valid");
+            tracing::warn!(credential = %self.config.name(), reason = %why, "credential refresh failed; the cached token stays in use while valid");
         }
     }
 
     fn unavailable(&self, why: String) -> ProxyError {
         ProxyError::CredentialUnavailable {
-            name: self.config.name.to_string(),
+            name: self.config.name().to_string(),
             why,
         }
     }
 
     /// Mints a token (the caller holds `minting`), stores it, counts the attempt.
     async fn mint(&self, upstreams: &Upstreams, metrics: &Metrics) -> Result<Arc<Token>, String> {
-        let name = &*self.config.name;
+        let name = &**self.config.name();
         let result = self.request_token(upstreams).await;
         let label = if result.is_ok() { "success" } else { "failure" };
         metrics
@@ -238,20 +239,33 @@ impl MintedEntry {
 
     /// One token request; the error is a fixed reason or a status code, never body content.
     async fn request_token(&self, upstreams: &Upstreams) -> Result<Token, String> {
-        let c = &self.config;
-        let (form, auth) = c.request_parts();
-        let mut req = Request::builder()
+        let c = &*self.config;
+        let req = Request::builder()
             .method(Method::POST)
-            .uri(c.token_url.clone())
-            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .header(header::ACCEPT, "application/json");
-        if let Some(auth) = auth {
-            req = req.header(header::AUTHORIZATION, auth);
+            .uri(c.token_url().clone());
+        let req = match c {
+            Minter::OAuth2(o) => {
+                let (form, auth) = o.request_parts();
+                let mut req = req
+                    .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                    .header(header::ACCEPT, "application/json");
+                if let Some(auth) = auth {
+                    req = req.header(header::AUTHORIZATION, auth);
+                }
+                req.body(body::full(Bytes::from(form.as_bytes().to_vec())))
+            }
+            Minter::GithubApp(g) => {
+                let (json, auth) = g.request_parts().map_err(|e| e.to_string())?;
+                req.header(header::CONTENT_TYPE, "application/json")
+                    .header(header::ACCEPT, "application/vnd.github+json")
+                    .header(header::USER_AGENT, "portcullis")
+                    .header("x-github-api-version", "2022-11-28")
+                    .header(header::AUTHORIZATION, auth)
+                    .body(body::full(Bytes::from(json)))
+            }
         }
-        let req = req
-            .body(body::full(Bytes::from(form.as_bytes().to_vec())))
-            .map_err(|_| "the token request cannot be built".to_owned())?;
-        let host = c.token_url.host().unwrap_or_default().to_owned();
+        .map_err(|_| "the token request cannot be built".to_owned())?;
+        let host = c.token_url().host().unwrap_or_default().to_owned();
         let sent = Instant::now();
         let exchange = async {
             let response = upstreams.request(req).await.map_err(|e| {
@@ -269,7 +283,13 @@ impl MintedEntry {
                 .await
                 .map_err(|_| "the token endpoint's answer could not be read".to_owned())?
                 .to_bytes();
-            OAuth2::parse_answer(&answer).map_err(|e| e.to_string())
+            match c {
+                Minter::OAuth2(_) => OAuth2::parse_answer(&answer),
+                Minter::GithubApp(_) => {
+                    crate::credentials::GithubApp::parse_answer(&answer, SystemTime::now())
+                }
+            }
+            .map_err(|e| e.to_string())
         };
         let answer = tokio::time::timeout(MINT_TIMEOUT, exchange)
             .await
@@ -279,8 +299,14 @@ impl MintedEntry {
         let refresh_at = expires
             .checked_sub(c.refresh_before(answer.lifetime))
             .unwrap_or(sent);
-        let credential =
-            Credential::minted_bearer(c.name.clone(), answer.token).map_err(|e| e.to_string())?;
+        let name = c.name().clone();
+        let credential = match c {
+            Minter::GithubApp(g) if g.inject == Inject::Basic => {
+                Credential::minted_basic(name, "x-access-token", answer.token)
+            }
+            _ => Credential::minted_bearer(name, answer.token),
+        }
+        .map_err(|e| e.to_string())?;
         Ok(Token {
             credential,
             expires,
@@ -297,7 +323,7 @@ mod tests {
     use super::*;
     use crate::credentials::{OAuth2Spec, SecretSource};
 
-    fn config(name: &str, scope: &str) -> Arc<OAuth2> {
+    fn config(name: &str, scope: &str) -> Arc<Minter> {
         let spec = OAuth2Spec {
             token_url: "https://auth.example/token".into(),
             client_id: "c".into(),
@@ -308,7 +334,9 @@ mod tests {
             extra: BTreeMap::new(),
             refresh_before_seconds: None,
         };
-        Arc::new(OAuth2::build(name, &spec, Path::new(".")).unwrap())
+        Arc::new(Minter::OAuth2(
+            OAuth2::build(name, &spec, Path::new(".")).unwrap(),
+        ))
     }
 
     #[test]

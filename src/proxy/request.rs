@@ -314,7 +314,7 @@ async fn apply_credential<'s>(
     let injected = if let Some(cred) = snap.config.credentials.get(name) {
         Injected::Static(cred)
     } else if let Some(minted) = snap.config.minted.get(name) {
-        record.event.credential = Some(minted.name.clone());
+        record.event.credential = Some(minted.name().clone());
         let entry = conn.state.tokens.entry(minted);
         let token = entry
             .token(&snap.upstreams, &conn.state.telemetry.metrics)

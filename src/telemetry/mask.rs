@@ -102,7 +102,7 @@ impl Masker {
             }
         }
         for minted in config.minted.values() {
-            secrets.push(Zeroizing::new(minted.client_secret.expose().to_owned()));
+            secrets.push(Zeroizing::new(minted.secret().expose().to_owned()));
         }
         for client in &config.clients {
             if let Some(token) = &client.token {

@@ -21,6 +21,7 @@ use portcullis::config::{self, Config, Origin};
 use portcullis::proxy::{self, ProxyHandle};
 use tokio::net::TcpListener;
 
+pub mod github;
 pub mod oauth;
 
 /// A proxy running in this process.

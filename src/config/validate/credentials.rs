@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 
 use crate::config::error::Problems;
 use crate::config::Secrets;
-use crate::credentials::{Credential, CredentialSpec, Credentials, Minted, OAuth2, SecretSource};
+use crate::credentials::{
+    Credential, CredentialSpec, Credentials, GithubApp, Minted, Minter, OAuth2, SecretSource,
+};
 
 /// `[credentials.*]`: with [`Secrets::Resolve`], every secret is resolved now, so a missing one
 /// fails at load, not at the first request that needs it. With [`Secrets::Skip`] the same checks
@@ -37,7 +39,7 @@ pub(super) fn credentials(
             match secrets {
                 Secrets::Resolve => match OAuth2::build(name, o, base) {
                     Ok(c) => {
-                        minted.insert(name.clone(), std::sync::Arc::new(c));
+                        minted.insert(name.clone(), std::sync::Arc::new(Minter::OAuth2(c)));
                     }
                     Err(e) => p.add(
                         format!("credentials.{name}.{}", oauth2_key(&e, sub)),
@@ -52,6 +54,24 @@ pub(super) fn credentials(
                         );
                     }
                 }
+            }
+            continue;
+        }
+        if let CredentialSpec::GithubApp(g) = spec {
+            // The key is read and parsed now: a malformed key is a load (and `check`) error.
+            let result = match secrets {
+                Secrets::Resolve => GithubApp::build(name, g, base).map(Some),
+                Secrets::Skip => GithubApp::check(g).map(|_| None),
+            };
+            match result {
+                Ok(Some(c)) => {
+                    minted.insert(name.clone(), std::sync::Arc::new(Minter::GithubApp(c)));
+                }
+                Ok(None) => {}
+                Err(e) => p.add(
+                    format!("credentials.{name}.{}", github_app_key(&e, sub)),
+                    e.to_string(),
+                ),
             }
             continue;
         }
@@ -76,6 +96,20 @@ fn oauth2_key(e: &crate::credentials::CredentialError, secret_key: &'static str)
     match e {
         E::TokenUrl(_) => "oauth2.token_url",
         E::NotHeaderSafe(_) => "oauth2.client_id",
+        _ => secret_key,
+    }
+}
+
+/// The key a `github_app` error is about.
+fn github_app_key(
+    e: &crate::credentials::CredentialError,
+    secret_key: &'static str,
+) -> &'static str {
+    use crate::credentials::CredentialError as E;
+    match e {
+        E::ApiUrl(_) => "github_app.api_url",
+        E::NotDigits(_) => "github_app.installation_id",
+        E::NotHeaderSafe(_) => "github_app.app_id",
         _ => secret_key,
     }
 }
