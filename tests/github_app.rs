@@ -10,6 +10,7 @@ mod common;
 use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::github::*;
 use common::oauth::Served;
@@ -211,7 +212,7 @@ github_app = {{ app_id = "{APP_ID}", installation_id = "{INSTALLATION_ID}", priv
 host = "git.test"
 ports = [{}]
 methods = ["GET", "HEAD"]
-paths = ["/git/**"]
+paths = ["/git/**", "/x/**"]
 credential = "gh-git"
 "#,
             served.port(),
@@ -249,7 +250,128 @@ credential = "gh-git"
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!output.contains(&token));
+    // An upstream echoing the credential back: neither the token nor the base64 pair returns.
+    let ca_pem = std::fs::read_to_string(&ca).unwrap();
+    let client = proxied_tls_client(&proxy.url(), &ca_pem);
+    let r = client
+        .get(format!("https://git.test:{}/x/echo-secret", git.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let echo = format!("{:?}", r.headers());
+    let text = r.text().await.unwrap();
+    let encoded = want.strip_prefix("Basic ").unwrap();
+    for shown in [&text, &echo] {
+        assert!(!shown.contains(&token), "{shown}");
+        assert!(!shown.contains(encoded), "{shown}");
+    }
+    // Masked in place (same length): the echo is there, starred out.
+    assert!(
+        text.starts_with("auth=Basic ****") && text.contains(";decoded=x-access-token:****"),
+        "{text}"
+    );
     proxy.stop().await;
+}
+
+/// The real binary at debug level with audit on stdout: a bearer-injected GitHub App token is
+/// echoed back by the resource and sent back by the client in a query and a header; neither the
+/// private key's PEM body, the minted token nor an App JWT is in stdout (audit), stderr (logs),
+/// `/metrics` or any response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_no_private_key_or_installation_token_reaches_any_output() {
+    use std::io::Read;
+    let work = tempfile::tempdir().unwrap();
+    let key = app_key(work.path());
+    let (api, served, upstream_ca) =
+        github_api(&key, &installation_token(), &["api.github.test"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("upstream-ca.pem"), &upstream_ca).unwrap();
+    std::fs::copy(&key.private, dir.path().join("gh-app.pem")).unwrap();
+    let body = format!(
+        "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[audit]\noutput = \"stdout\"\n{}",
+        config(served.port(), "")
+    );
+    let path = dir.path().join("canary.toml");
+    std::fs::write(&path, body).unwrap();
+    let mut running = spawn_binary(
+        &["run", "-c", path.to_str().unwrap()],
+        &[("RUST_LOG", "debug")],
+        std::process::Stdio::piped(),
+    );
+    let mut pipe = running.child.0.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        pipe.read_to_string(&mut out).unwrap();
+        out
+    });
+    let ca = std::fs::read_to_string(dir.path().join("state/ca.pem")).unwrap();
+    let client = proxied_tls_client(&running.proxy, &ca);
+    let url = |p: &str| format!("https://api.github.test:{}{p}", served.port());
+    let mut bodies = Vec::new();
+    for _ in 0..5 {
+        let r = client.get(url("/repos/acme/echo")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        bodies.push(format!("{:?}", r.headers()));
+        bodies.push(r.text().await.unwrap());
+        let r = client
+            .get(url(&format!("/repos/acme/app?note={}", api.token)))
+            .header("x-client-note", api.token.as_str())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        bodies.push(r.text().await.unwrap());
+    }
+    assert_eq!(api.mints(), 1);
+    let metrics = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("{}/metrics", running.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics
+        .contains("portcullis_credential_refreshes_total{credential=\"gh\",result=\"success\"} 1"));
+    assert_eq!(running.child.terminate(Duration::from_secs(20)), Some(0));
+    let stdout = reader.join().unwrap();
+    let mut stderr = running.startup.clone();
+    stderr.extend(running.drain_lines());
+    let stderr = stderr.join("\n");
+    assert!(stderr.contains("DEBUG"), "debug logging was on");
+    assert!(stdout.lines().count() >= 10, "audit events: {stdout}");
+    assert!(
+        stdout.contains("\"x-client-note\":\"<HIDDEN>\""),
+        "{stdout}"
+    );
+    let mut secrets = key.body_lines();
+    assert!(secrets.len() >= 20, "a 2048-bit key has ~25 body lines");
+    secrets.push(api.token.clone());
+    secrets.push("ghs_canaryInstallationToken".to_owned());
+    // An App JWT's header ({"typ":"JWT","alg":"RS256"} or {"alg":"RS256",...}) in base64url.
+    secrets.push("eyJ0eXAiOiJKV1Qi".to_owned());
+    secrets.push("eyJhbGciOiJSUzI1NiI".to_owned());
+    for secret in &secrets {
+        assert!(
+            !stdout.contains(secret.as_str()),
+            "{secret} in stdout:\n{stdout}"
+        );
+        assert!(
+            !stderr.contains(secret.as_str()),
+            "{secret} in stderr:\n{stderr}"
+        );
+        assert!(!metrics.contains(secret.as_str()), "{secret} in /metrics");
+        for body in &bodies {
+            assert!(
+                !body.contains(secret.as_str()),
+                "{secret} in a response: {body}"
+            );
+        }
+    }
 }
 
 fn check(dir: &std::path::Path, body: &str) -> (i32, String, String) {

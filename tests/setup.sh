@@ -10,6 +10,8 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v git >/dev/null 2>&1 || need+=(git)
 # The python3 on PATH is the one the tests run; Debian's package provides requests for its own.
 python3 -c "import requests" >/dev/null 2>&1 || need+=(python3 python3-requests)
+# PyJWT (with cryptography for RS256) verifies GitHub App JWTs in tests/github_app.rs.
+python3 -c "import jwt, cryptography" >/dev/null 2>&1 || need+=(python3-jwt python3-cryptography)
 # `ip` lives in /sbin or /usr/sbin, which a non-root PATH may lack.
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || need+=(iproute2)
 want_promtool=0
@@ -33,4 +35,9 @@ if ! python3 -c "import requests" >/dev/null 2>&1; then
   # Another python3 ahead of Debian's on PATH (pyenv, a venv): the package did not reach it.
   echo "python3 on PATH ($(command -v python3)) cannot import requests: install it for that Python" >&2
   exit 1
+fi
+if ! python3 -c "import jwt, cryptography" >/dev/null 2>&1; then
+  # As for requests: the python3 on PATH may not be Debian's; install PyJWT for it.
+  python3 -m pip install -q "pyjwt[crypto]" ||
+    { echo "python3 on PATH ($(command -v python3)) cannot import jwt: install pyjwt[crypto] for it" >&2; exit 1; }
 fi

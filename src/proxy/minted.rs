@@ -79,7 +79,8 @@ impl TokenCache {
 
 /// A minted token: the credential it injects and when it expires.
 pub struct Token {
-    /// `Authorization: Bearer <token>`, with the token's echoes.
+    /// `Authorization: Bearer <token>` (or, for a GitHub App with `inject = "basic"`,
+    /// `Basic x-access-token:<token>`), with the token's echoes.
     pub credential: Credential,
     expires: Instant,
     refresh_at: Instant,
