@@ -323,6 +323,14 @@ async fn canary_no_private_key_or_installation_token_reaches_any_output() {
         assert_eq!(r.status(), 200);
         bodies.push(r.text().await.unwrap());
     }
+    // A client sending a line of the App's key: the audit event hides it.
+    let r = client
+        .get(url("/repos/acme/app"))
+        .header("x-key-note", key.body_lines()[5].as_str())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     assert_eq!(api.mints(), 1);
     let metrics = reqwest::Client::builder()
         .no_proxy()
@@ -347,6 +355,10 @@ async fn canary_no_private_key_or_installation_token_reaches_any_output() {
     assert!(
         stdout.contains("\"x-client-note\":\"<HIDDEN>\""),
         "{stdout}"
+    );
+    assert!(
+        stdout.contains("\"x-key-note\":\"<HIDDEN>\""),
+        "a key line in a header is masked: {stdout}"
     );
     let mut secrets = key.body_lines();
     assert!(secrets.len() >= 20, "a 2048-bit key has ~25 body lines");

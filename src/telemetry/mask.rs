@@ -102,7 +102,18 @@ impl Masker {
             }
         }
         for minted in config.minted.values() {
-            secrets.push(Zeroizing::new(minted.secret().expose().to_owned()));
+            let secret = minted.secret().expose();
+            secrets.push(Zeroizing::new(secret.to_owned()));
+            // A multi-line secret (a GitHub App's PEM key): each of its lines on its own too.
+            if secret.contains('\n') {
+                for line in secret
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| l.len() >= 16 && !l.starts_with("-----"))
+                {
+                    secrets.push(Zeroizing::new(line.to_owned()));
+                }
+            }
         }
         for client in &config.clients {
             if let Some(token) = &client.token {
