@@ -152,15 +152,9 @@ impl GithubApp {
     pub fn check(spec: &GithubAppSpec) -> Result<Uri, CredentialError> {
         let api = spec.api_url.as_deref().unwrap_or(DEFAULT_API_URL);
         let bad = || CredentialError::ApiUrl(api.to_owned());
-        let base: Uri = api.parse().map_err(|_| bad())?;
-        match base.scheme_str() {
-            Some("http") | Some("https") => {}
-            _ => return Err(bad()),
-        }
-        if base.host().is_none_or(str::is_empty)
-            || base.authority().is_some_and(|a| a.as_str().contains('@'))
-            || base.query().is_some()
-        {
+        // A path is appended to the API base, so it cannot carry a query.
+        let base = super::endpoint_url(api).ok_or_else(bad)?;
+        if base.query().is_some() {
             return Err(bad());
         }
         if spec.installation_id.is_empty()
@@ -267,12 +261,6 @@ impl GithubApp {
             .unwrap_or(DEFAULT_LIFETIME)
             .min(MAX_LIFETIME);
         Ok(TokenAnswer { token, lifetime })
-    }
-
-    /// How long before expiry a token of `lifetime` is refreshed: `refresh_before`, at most half
-    /// the lifetime.
-    pub fn refresh_before(&self, lifetime: Duration) -> Duration {
-        self.refresh_before.min(lifetime / 2)
     }
 }
 

@@ -293,13 +293,25 @@ impl Minter {
         }
     }
 
-    /// How long before expiry a token of `lifetime` is refreshed.
+    /// How long before expiry a token of `lifetime` is refreshed: `refresh_before_seconds`, at
+    /// most half the lifetime (spec §10), whatever the kind.
     pub fn refresh_before(&self, lifetime: std::time::Duration) -> std::time::Duration {
-        match self {
-            Self::OAuth2(o) => o.refresh_before(lifetime),
-            Self::GithubApp(g) => g.refresh_before(lifetime),
-        }
+        let configured = match self {
+            Self::OAuth2(o) => o.refresh_before,
+            Self::GithubApp(g) => g.refresh_before,
+        };
+        configured.min(lifetime / 2)
     }
+}
+
+/// An endpoint the proxy itself calls (a token endpoint, an API base): an absolute `http://` or
+/// `https://` URL with a host and no userinfo. `None` otherwise.
+pub(crate) fn endpoint_url(text: &str) -> Option<http::Uri> {
+    let uri: http::Uri = text.parse().ok()?;
+    let usable = matches!(uri.scheme_str(), Some("http" | "https"))
+        && uri.host().is_some_and(|h| !h.is_empty())
+        && uri.authority().is_some_and(|a| !a.as_str().contains('@'));
+    usable.then_some(uri)
 }
 
 /// Injects `cred`, overwriting: every client-sent header of the same name goes first.

@@ -123,17 +123,8 @@ pub struct TokenAnswer {
 impl OAuth2 {
     /// Checks `spec` without reading its secret (`token_url` must be an absolute http(s) URL).
     pub fn check(spec: &OAuth2Spec) -> Result<Uri, CredentialError> {
-        let bad = || CredentialError::TokenUrl(spec.token_url.clone());
-        let uri: Uri = spec.token_url.parse().map_err(|_| bad())?;
-        match uri.scheme_str() {
-            Some("http") | Some("https") => {}
-            _ => return Err(bad()),
-        }
-        if uri.host().is_none_or(str::is_empty)
-            || uri.authority().is_some_and(|a| a.as_str().contains('@'))
-        {
-            return Err(bad());
-        }
+        let uri = super::endpoint_url(&spec.token_url)
+            .ok_or_else(|| CredentialError::TokenUrl(spec.token_url.clone()))?;
         if spec.client_id.contains(':') || spec.client_id.bytes().any(|b| b.is_ascii_control()) {
             return Err(CredentialError::NotHeaderSafe("oauth2.client_id"));
         }
@@ -231,12 +222,6 @@ impl OAuth2 {
         .min(MAX_LIFETIME);
         Ok(TokenAnswer { token, lifetime })
     }
-
-    /// How long before expiry a token of `lifetime` is refreshed: `refresh_before`, at most half
-    /// the lifetime.
-    pub fn refresh_before(&self, lifetime: Duration) -> Duration {
-        self.refresh_before.min(lifetime / 2)
-    }
 }
 
 /// `application/x-www-form-urlencoded` encoding of one name or value.
@@ -310,7 +295,9 @@ mod tests {
         let a = OAuth2::parse_answer(br#"{"access_token":"t","expires_in":18446744073709551615}"#);
         assert_eq!(a.unwrap().lifetime, MAX_LIFETIME);
         assert!(OAuth2::parse_answer(br#"{"access_token":"a\nb"}"#).is_err());
-        let c = OAuth2::build("x", &spec(ClientAuth::Basic), Path::new(".")).unwrap();
+        let c = crate::credentials::Minter::OAuth2(
+            OAuth2::build("x", &spec(ClientAuth::Basic), Path::new(".")).unwrap(),
+        );
         assert_eq!(
             c.refresh_before(Duration::from_secs(6)),
             Duration::from_secs(3)
