@@ -96,6 +96,15 @@ pub enum ProxyError {
         /// Why minting failed (a status code, a fixed reason).
         why: String,
     },
+    /// A step that needs the request body whole (spec §10's SigV4 payload hash) found it larger
+    /// than it reads.
+    #[error("the request body is larger than {limit_bytes} bytes, the most read for {purpose}")]
+    BodyTooLarge {
+        /// The limit.
+        limit_bytes: usize,
+        /// What the body was read for.
+        purpose: &'static str,
+    },
     /// The request already went through this proxy.
     #[error("request loop detected: the request already passed through portcullis")]
     Loop,
@@ -222,6 +231,13 @@ impl ProxyError {
                 "timeout",
                 false,
                 Some("timeout"),
+            ),
+            Self::BodyTooLarge { .. } => (
+                S::PAYLOAD_TOO_LARGE,
+                REQUEST_ERROR,
+                "body_too_large",
+                false,
+                None,
             ),
             Self::Internal(_) => (S::INTERNAL_SERVER_ERROR, INTERNAL, "internal", false, None),
             Self::Overloaded => (S::SERVICE_UNAVAILABLE, INTERNAL, "overloaded", false, None),
@@ -457,6 +473,10 @@ mod tests {
                 name: "c".into(),
                 why: "token endpoint answered 500".into(),
             },
+            ProxyError::BodyTooLarge {
+                limit_bytes: 10,
+                purpose: "a hash",
+            },
             ProxyError::Loop,
             ProxyError::ProxyAuthRequired("x".into()),
             ProxyError::Misdirected {
@@ -464,7 +484,7 @@ mod tests {
                 tunnel: "b".into(),
             },
         ]);
-        let mut covered = [false; 17];
+        let mut covered = [false; 18];
         for e in &errors {
             covered[match e {
                 ProxyError::BadRequest(_) => 0,
@@ -484,6 +504,7 @@ mod tests {
                 ProxyError::ProxyAuthRequired(_) => 14,
                 ProxyError::Misdirected { .. } => 15,
                 ProxyError::CredentialUnavailable { .. } => 16,
+                ProxyError::BodyTooLarge { .. } => 17,
             }] = true;
         }
         assert!(

@@ -5,9 +5,7 @@
 
 mod common;
 
-use std::io::Read;
 use std::process::Stdio;
-use std::time::Duration;
 
 use common::*;
 
@@ -65,7 +63,7 @@ credential = "from-value"
     let config_path = dir.path().join("canary.toml");
     std::fs::write(&config_path, config).unwrap();
     // Verbose logging, so that anything a log line could carry is in the output searched below.
-    let mut running = spawn_binary(
+    let running = spawn_binary(
         &["run", "-c", config_path.to_str().unwrap()],
         &[
             ("RUST_LOG", "debug"),
@@ -113,17 +111,7 @@ credential = "from-value"
     ])
     .await;
     assert_eq!(out.status, 200, "{out:?}");
-    let metrics = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .get(format!("{}/metrics", running.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = running.metrics().await;
     assert!(metrics.contains("portcullis_requests_total"));
 
     // Every injected credential reached the upstream.
@@ -179,14 +167,7 @@ credential = "from-value"
     }
 
     // Stop, then collect every byte the process wrote.
-    assert_eq!(running.child.terminate(Duration::from_secs(20)), Some(0));
-    let mut stdout = String::new();
-    let mut pipe = running.child.0.stdout.take().unwrap();
-    pipe.read_to_string(&mut stdout).unwrap();
-    let mut stderr = running.startup.clone();
-    stderr.extend(running.drain_lines());
-    let stderr = stderr.join("\n");
-    assert!(stderr.contains("DEBUG"), "debug logging was on");
+    let Collected { stdout, stderr } = running.stop_and_collect();
 
     // stdout carries the audit events: one per request and tunnel.
     assert!(

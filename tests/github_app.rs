@@ -10,7 +10,6 @@ mod common;
 use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::github::*;
 use common::oauth::Served;
@@ -280,7 +279,6 @@ credential = "gh-git"
 /// `/metrics` or any response.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn canary_no_private_key_or_installation_token_reaches_any_output() {
-    use std::io::Read;
     let work = tempfile::tempdir().unwrap();
     let key = app_key(work.path());
     let (api, served, upstream_ca) =
@@ -294,17 +292,11 @@ async fn canary_no_private_key_or_installation_token_reaches_any_output() {
     );
     let path = dir.path().join("canary.toml");
     std::fs::write(&path, body).unwrap();
-    let mut running = spawn_binary(
+    let running = spawn_binary(
         &["run", "-c", path.to_str().unwrap()],
         &[("RUST_LOG", "debug")],
         std::process::Stdio::piped(),
     );
-    let mut pipe = running.child.0.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut out = String::new();
-        pipe.read_to_string(&mut out).unwrap();
-        out
-    });
     let ca = std::fs::read_to_string(dir.path().join("state/ca.pem")).unwrap();
     let client = proxied_tls_client(&running.proxy, &ca);
     let url = |p: &str| format!("https://api.github.test:{}{p}", served.port());
@@ -332,25 +324,10 @@ async fn canary_no_private_key_or_installation_token_reaches_any_output() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(api.mints(), 1);
-    let metrics = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .get(format!("{}/metrics", running.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = running.metrics().await;
     assert!(metrics
         .contains("portcullis_credential_refreshes_total{credential=\"gh\",result=\"success\"} 1"));
-    assert_eq!(running.child.terminate(Duration::from_secs(20)), Some(0));
-    let stdout = reader.join().unwrap();
-    let mut stderr = running.startup.clone();
-    stderr.extend(running.drain_lines());
-    let stderr = stderr.join("\n");
-    assert!(stderr.contains("DEBUG"), "debug logging was on");
+    let Collected { stdout, stderr } = running.stop_and_collect();
     assert!(stdout.lines().count() >= 10, "audit events: {stdout}");
     assert!(
         stdout.contains("\"x-client-note\":\"<HIDDEN>\""),
@@ -367,23 +344,8 @@ async fn canary_no_private_key_or_installation_token_reaches_any_output() {
     // An App JWT's header ({"typ":"JWT","alg":"RS256"} or {"alg":"RS256",...}) in base64url.
     secrets.push("eyJ0eXAiOiJKV1Qi".to_owned());
     secrets.push("eyJhbGciOiJSUzI1NiI".to_owned());
-    for secret in &secrets {
-        assert!(
-            !stdout.contains(secret.as_str()),
-            "{secret} in stdout:\n{stdout}"
-        );
-        assert!(
-            !stderr.contains(secret.as_str()),
-            "{secret} in stderr:\n{stderr}"
-        );
-        assert!(!metrics.contains(secret.as_str()), "{secret} in /metrics");
-        for body in &bodies {
-            assert!(
-                !body.contains(secret.as_str()),
-                "{secret} in a response: {body}"
-            );
-        }
-    }
+    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    Collected { stdout, stderr }.assert_free_of(&secrets, &metrics, &bodies);
 }
 
 fn check(dir: &std::path::Path, body: &str) -> (i32, String, String) {

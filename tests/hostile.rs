@@ -1277,7 +1277,7 @@ plaintext_credentials = true
     );
     let config_path = dir.path().join("hostile-canary.toml");
     std::fs::write(&config_path, config).unwrap();
-    let mut running = spawn_binary(
+    let running = spawn_binary(
         &["run", "-c", config_path.to_str().unwrap()],
         &[("RUST_LOG", "debug")],
         std::process::Stdio::piped(),
@@ -1355,14 +1355,7 @@ plaintext_credentials = true
     );
     assert!(answers.contains("auth=Bearer ****"), "{answers}");
 
-    assert_eq!(running.child.terminate(Duration::from_secs(20)), Some(0));
-    let mut stdout = String::new();
-    let mut pipe = running.child.0.stdout.take().unwrap();
-    std::io::Read::read_to_string(&mut pipe, &mut stdout).unwrap();
-    let mut stderr = running.startup.clone();
-    stderr.extend(running.drain_lines());
-    let stderr = stderr.join("\n");
-    assert!(stderr.contains("DEBUG"), "debug logging was on");
+    let Collected { stdout, stderr } = running.stop_and_collect();
     assert!(
         stdout.lines().count() >= requests.len(),
         "audit events on stdout: {stdout}"

@@ -344,7 +344,6 @@ async fn check_validates_oauth2_without_minting() {
 // this runtime) answers the proxy's GOAWAY.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn canary_no_client_secret_or_minted_token_reaches_any_output() {
-    use std::io::Read;
     let (tokens, endpoint) = token_server(3).await;
     let plain = protected_http(&tokens).await;
     let (tls, upstream_ca) = protected_tls(&tokens, &["secure.test"]).await;
@@ -357,7 +356,7 @@ async fn canary_no_client_secret_or_minted_token_reaches_any_output() {
     );
     let path = dir.path().join("canary.toml");
     std::fs::write(&path, body).unwrap();
-    let mut running = spawn_binary(
+    let running = spawn_binary(
         &["run", "-c", path.to_str().unwrap()],
         &[
             ("RUST_LOG", "debug"),
@@ -365,13 +364,6 @@ async fn canary_no_client_secret_or_minted_token_reaches_any_output() {
         ],
         std::process::Stdio::piped(),
     );
-    // Audit events on stdout are read as they come (a full pipe would stall the proxy).
-    let mut pipe = running.child.0.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut out = String::new();
-        pipe.read_to_string(&mut out).unwrap();
-        out
-    });
     let ca = std::fs::read_to_string(dir.path().join("state/ca.pem")).unwrap();
     let client = proxied_tls_client(&running.proxy, &ca);
     let plain_url = |p: &str| format!("http://plain.test:{}{p}", plain.port());
@@ -409,26 +401,11 @@ async fn canary_no_client_secret_or_minted_token_reaches_any_output() {
     bodies.push(proxy_status(&r));
     bodies.push(r.text().await.unwrap());
     tokens.failing.store(false, Ordering::SeqCst);
-    let metrics = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .get(format!("{}/metrics", running.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = running.metrics().await;
     assert!(metrics
         .contains("portcullis_credential_refreshes_total{credential=\"api\",result=\"failure\"}"));
 
-    assert_eq!(running.child.terminate(Duration::from_secs(20)), Some(0));
-    let stdout = reader.join().unwrap();
-    let mut stderr = running.startup.clone();
-    stderr.extend(running.drain_lines());
-    let stderr = stderr.join("\n");
-    assert!(stderr.contains("DEBUG"), "debug logging was on");
+    let Collected { stdout, stderr } = running.stop_and_collect();
     assert!(stdout.lines().count() >= 40, "audit events: {stdout}");
     assert!(
         stdout.contains("\"x-client-note\":\"<HIDDEN>\""),

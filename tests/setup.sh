@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need beyond cargo, when it is missing: the curl and git binaries and
-# Python with requests (real clients the integration tests drive; tests/env.rs fails without
-# requests), iproute2's `ip` (tests/hostile.rs sets up interfaces in a network namespace of its
+# Python with requests, PyJWT and boto3 (real clients and independent verifiers the integration
+# tests drive; tests/env.rs fails without requests), iproute2's `ip` (tests/hostile.rs sets up interfaces in a network namespace of its
 # own, when run as root) and promtool (CI checks the scraped metrics and the alert rules with it;
 # optional). Debian/Ubuntu, as root or through sudo.
 set -euo pipefail
@@ -12,6 +12,8 @@ command -v git >/dev/null 2>&1 || need+=(git)
 python3 -c "import requests" >/dev/null 2>&1 || need+=(python3 python3-requests)
 # PyJWT (with cryptography for RS256) verifies GitHub App JWTs in tests/github_app.rs.
 python3 -c "import jwt, cryptography" >/dev/null 2>&1 || need+=(python3-jwt python3-cryptography)
+# boto3 (with botocore's signer) drives S3 and verifies SigV4 signatures in tests/sigv4.rs.
+python3 -c "import boto3" >/dev/null 2>&1 || need+=(python3-boto3)
 # `ip` lives in /sbin or /usr/sbin, which a non-root PATH may lack.
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || need+=(iproute2)
 want_promtool=0
@@ -40,4 +42,8 @@ if ! python3 -c "import jwt, cryptography" >/dev/null 2>&1; then
   # As for requests: the python3 on PATH may not be Debian's; install PyJWT for it.
   python3 -m pip install -q "pyjwt[crypto]" ||
     { echo "python3 on PATH ($(command -v python3)) cannot import jwt: install pyjwt[crypto] for it" >&2; exit 1; }
+fi
+if ! python3 -c "import boto3" >/dev/null 2>&1; then
+  python3 -m pip install -q boto3 ||
+    { echo "python3 on PATH ($(command -v python3)) cannot import boto3: install boto3 for it" >&2; exit 1; }
 fi

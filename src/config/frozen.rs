@@ -134,6 +134,8 @@ pub struct Config {
     pub credentials: Credentials,
     /// Minted credentials (spec §10), resolved; the proxy's token cache mints them.
     pub minted: crate::credentials::Minted,
+    /// `aws_sigv4` credentials (spec §10), keys resolved; requests are re-signed with them.
+    pub signers: crate::credentials::Signers,
     /// Host rules in file order.
     pub rules: Vec<Rule>,
     /// Clients (empty: everyone is `anonymous`).

@@ -52,7 +52,13 @@ impl Config {
             }
             push(&mut out, line);
         }
-        let names: Vec<&str> = self.credentials.keys().map(String::as_str).collect();
+        // Static, minted and signing credentials alike, by name.
+        let mut names: Vec<&str> = (self.credentials.keys())
+            .chain(self.minted.keys())
+            .chain(self.signers.keys())
+            .map(String::as_str)
+            .collect();
+        names.sort_unstable();
         push(
             &mut out,
             format!("credentials ({}): {}", names.len(), names.join(", ")),

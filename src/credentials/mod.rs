@@ -9,6 +9,7 @@ mod echo;
 pub mod github_app;
 pub mod oauth2;
 mod secret;
+pub mod sigv4;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -24,6 +25,7 @@ pub use echo::{Echoes, Masked};
 pub use github_app::{GithubApp, GithubAppSpec};
 pub use oauth2::{ClientAuth, OAuth2, OAuth2Spec};
 pub use secret::{Secret, SecretError, SecretSource};
+pub use sigv4::{AwsSigV4, AwsSigV4Spec};
 
 /// A `[credentials.NAME]` entry as written.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -54,6 +56,9 @@ pub enum CredentialSpec {
     /// `x-access-token:<token>` (spec §10).
     #[serde(rename = "github_app")]
     GithubApp(GithubAppSpec),
+    /// Re-signing: the request is signed with AWS Signature Version 4 (spec §10).
+    #[serde(rename = "aws_sigv4")]
+    AwsSigv4(AwsSigV4Spec),
 }
 
 impl CredentialSpec {
@@ -65,15 +70,18 @@ impl CredentialSpec {
             Self::Header { value, .. } => (value, "header.value"),
             Self::Oauth2(o) => (&o.client_secret, "oauth2.client_secret"),
             Self::GithubApp(g) => (&g.private_key, "github_app.private_key"),
+            Self::AwsSigv4(a) => (&a.secret_access_key, "aws_sigv4.secret_access_key"),
         }
     }
 
     /// The header this credential sets.
     pub fn header_name(&self) -> Result<HeaderName, http::header::InvalidHeaderName> {
         match self {
-            Self::Bearer(_) | Self::Basic { .. } | Self::Oauth2(_) | Self::GithubApp(_) => {
-                Ok(http::header::AUTHORIZATION)
-            }
+            Self::Bearer(_)
+            | Self::Basic { .. }
+            | Self::Oauth2(_)
+            | Self::GithubApp(_)
+            | Self::AwsSigv4(_) => Ok(http::header::AUTHORIZATION),
             Self::Header { name, .. } => HeaderName::from_bytes(name.as_bytes()),
         }
     }
@@ -130,9 +138,15 @@ pub enum CredentialError {
     /// The App JWT could not be signed.
     #[error("the GitHub App JWT could not be signed")]
     Signing,
-    /// A minted kind has no static value (it is built by the token cache).
-    #[error("a minted credential has no static value")]
-    Minted,
+    /// A minted or signing kind has no static value (the token cache or the signer makes it).
+    #[error("a minted or signing credential has no static value")]
+    NotStatic,
+    /// One of several secrets of a credential could not be read: the key it is under, and why.
+    #[error("{1}")]
+    KeySecret(&'static str, SecretError),
+    /// An `aws_sigv4` region or service is not what a credential scope can hold.
+    #[error("{0} must be lowercase letters, digits and '-'")]
+    Scope(&'static str),
 }
 
 impl Credential {
@@ -188,9 +202,9 @@ impl Credential {
             CredentialSpec::Header { prefix, .. } => {
                 format!("{}{}", prefix.as_deref().unwrap_or(""), secret.expose())
             }
-            CredentialSpec::Oauth2(_) | CredentialSpec::GithubApp(_) => {
-                return Err(CredentialError::Minted)
-            }
+            CredentialSpec::Oauth2(_)
+            | CredentialSpec::GithubApp(_)
+            | CredentialSpec::AwsSigv4(_) => return Err(CredentialError::NotStatic),
         });
         let mut value = HeaderValue::from_str(&text)
             .map_err(|_| CredentialError::NotHeaderSafe("header.prefix"))?;
@@ -325,6 +339,9 @@ pub type Credentials = BTreeMap<String, Credential>;
 
 /// All minted credentials of a snapshot (resolved, not yet minted), by name.
 pub type Minted = BTreeMap<String, Arc<Minter>>;
+
+/// All `aws_sigv4` credentials of a snapshot (keys resolved), by name.
+pub type Signers = BTreeMap<String, Arc<AwsSigV4>>;
 
 #[cfg(test)]
 mod tests {

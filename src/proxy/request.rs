@@ -9,8 +9,9 @@
 //! 3. **policy**: host, port, method, path and client against the rules (report mode inside); where
 //!    a rule restricts paths, an ambiguous path (`..;`, `\`, encoded `/`) is refused and any other
 //!    is judged normalised and sent in exactly that form;
-//! 4. **credentials**: the rule's credential overwrites any client-sent header of its name — never
-//!    over plain http unless the rule allows it;
+//! 4. **credentials**: the rule's credential overwrites any client-sent header of its name (a
+//!    static or minted one) or re-signs the request (`aws_sigv4`) — never over plain http unless
+//!    the rule allows it;
 //! 5. **upstream**: hop-by-hop headers out, `Via` in, sent on the pooled client for the scheme,
 //!    bodies streamed both ways; redirects are passed back, never followed;
 //! 6. **echoes**: the response to a request that carried a credential has every echo of its
@@ -24,10 +25,12 @@ use std::borrow::Cow;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use http::header::{self, HeaderMap};
+use bytes::Bytes;
+use http::header;
 use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::headers::{precheck, prepare_request_headers, prepare_response_headers};
@@ -36,7 +39,7 @@ use super::outcome;
 use super::state::{ConnCtx, Snapshot};
 use super::upstream::{self, UpstreamAddr};
 use crate::body::{self, Body};
-use crate::credentials::{inject, Credential, Echoes, Masked};
+use crate::credentials::{inject, sigv4, AwsSigV4, Credential, Echoes, Masked};
 use crate::error::ProxyError;
 use crate::identity::Identity;
 use crate::policy::{self, Denial, Host, RequestFacts, Rule};
@@ -150,10 +153,11 @@ pub async fn handle(
     record: &mut Record,
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, incoming) = req.into_parts();
+    let mut client_body = ClientBody::Streaming(Some(incoming));
     let admitted = match admit(snap, identity, origin, &mut parts, record) {
         Ok(admitted) => admitted,
         Err(err) => {
-            body::discard(incoming).await;
+            client_body.discard().await;
             return Err(err);
         }
     };
@@ -162,14 +166,15 @@ pub async fn handle(
     // The upstream client derives Host (HTTP/1.1) or :authority (h2) from the absolute URI, so
     // what is sent is exactly what policy judged.
     parts.headers.remove(header::HOST);
-    let injected = match apply_credential(conn, snap, rule, &mut parts.headers, record).await {
+    let applied = apply_credential(conn, snap, rule, &mut parts, &mut client_body, record).await;
+    let injected = match applied {
         Ok(injected) => injected,
         Err(err) => {
-            body::discard(incoming).await;
+            client_body.discard().await;
             return Err(err);
         }
     };
-    let echoes = injected.and_then(|i| i.credential().echoes.clone());
+    let echoes = injected.and_then(|i| i.echoes().cloned());
     if echoes.is_some() {
         // Echoes are masked in the bytes as they come: a compressed body would hide them.
         parts.headers.insert(
@@ -179,7 +184,6 @@ pub async fn handle(
     }
     record.request_headers(&parts.headers);
     parts.version = http::Version::HTTP_11;
-    let client_body = ClientBody(Some(incoming));
     let counted = Counted::new(client_body, record.request_body.clone());
     let upstream_req = Request::from_parts(parts, body::boxed(counted));
     let response = send(snap, upstream_req, &host, record).await?;
@@ -298,20 +302,25 @@ pub fn refuse_userinfo(authority: &Authority) -> Result<(), ProxyError> {
     Ok(())
 }
 
-/// Injects the rule's credential (overwriting any client-sent header of that name), counts it
-/// and names it in the audit record. A minted credential (spec §10) comes from the token cache:
-/// minted now if there is no valid token, or the request fails (503) naming the credential.
+/// Applies the rule's credential, counts it and names it in the audit record:
+/// - a static one overwrites any client-sent header of its name;
+/// - a minted one (spec §10) comes from the token cache: minted now if there is no valid token,
+///   or the request fails (503) naming the credential;
+/// - an `aws_sigv4` one re-signs the request, reading the body whole first when its payload hash
+///   needs it (413 over 10 MiB).
 async fn apply_credential<'s>(
     conn: &ConnCtx,
     snap: &'s Snapshot,
     rule: Option<&Rule>,
-    headers: &mut HeaderMap,
+    parts: &mut Parts,
+    client_body: &mut ClientBody,
     record: &mut Record,
 ) -> Result<Option<Injected<'s>>, ProxyError> {
     let Some(name) = rule.and_then(|r| r.credential.as_ref()) else {
         return Ok(None);
     };
     let injected = if let Some(cred) = snap.config.credentials.get(name) {
+        inject(&mut parts.headers, cred);
         Injected::Static(cred)
     } else if let Some(minted) = snap.config.minted.get(name) {
         record.event.credential = Some(minted.name().clone());
@@ -322,33 +331,70 @@ async fn apply_credential<'s>(
         if let Some(echoes) = &token.credential.echoes {
             record.minted_secret(echoes.clone());
         }
+        inject(&mut parts.headers, &token.credential);
         Injected::Minted(token)
+    } else if let Some(signer) = snap.config.signers.get(name) {
+        record.event.credential = Some(signer.name.clone());
+        let whole = match signer.needs_body(&parts.headers) {
+            true => Some(
+                client_body
+                    .read_whole(sigv4::MAX_HASHED_BODY_BYTES, "an AWS SigV4 payload hash")
+                    .await?,
+            ),
+            false => None,
+        };
+        let now = std::time::SystemTime::now();
+        signer
+            .sign(
+                &parts.method,
+                &mut parts.uri,
+                &mut parts.headers,
+                whole.as_deref(),
+                now,
+            )
+            .map_err(|err| match err {
+                sigv4::SigV4Error::Signing => ProxyError::Internal(format!(
+                    "credential {} could not sign the request",
+                    signer.name
+                )),
+                refused => ProxyError::BadRequest(refused.to_string()),
+            })?;
+        Injected::Signed(signer)
     } else {
         return Ok(None);
     };
-    let cred = injected.credential();
-    inject(headers, cred);
-    record.event.credential = Some(cred.name.clone());
+    record.event.credential = Some(injected.name().clone());
     conn.state
         .telemetry
         .metrics
         .credential_injections
-        .with_label_values(&[&*cred.name])
+        .with_label_values(&[&**injected.name()])
         .inc();
     Ok(Some(injected))
 }
 
-/// The credential a request carries: a snapshot's static one, or a minted token.
+/// The credential a request carries: a snapshot's static one, a minted token, or a signer.
 enum Injected<'s> {
     Static(&'s Credential),
     Minted(Arc<Token>),
+    Signed(&'s AwsSigV4),
 }
 
 impl Injected<'_> {
-    fn credential(&self) -> &Credential {
+    fn name(&self) -> &Arc<str> {
         match self {
-            Self::Static(cred) => cred,
-            Self::Minted(token) => &token.credential,
+            Self::Static(cred) => &cred.name,
+            Self::Minted(token) => &token.credential.name,
+            Self::Signed(signer) => &signer.name,
+        }
+    }
+
+    /// What of its secrets must not come back in the response.
+    fn echoes(&self) -> Option<&Arc<Echoes>> {
+        match self {
+            Self::Static(cred) => cred.echoes.as_ref(),
+            Self::Minted(token) => token.credential.echoes.as_ref(),
+            Self::Signed(signer) => signer.echoes.as_ref(),
         }
     }
 }
@@ -396,41 +442,100 @@ async fn send(
     Ok(Response::from_parts(parts, body::boxed(incoming)))
 }
 
-/// The client's request body on its way upstream. When the upstream is done with it before it
-/// ended (it answered early), the rest is read and dropped in the background (bounded, as for a
-/// refused request), so the client's request completes cleanly: an h2 client would otherwise see
-/// its stream reset.
-struct ClientBody(Option<Incoming>);
+/// The client's request body on its way upstream: streamed through as it comes, or read whole
+/// first where a step needs all of it (a SigV4 payload hash). When the upstream is done with a
+/// streamed body before it ended (it answered early), the rest is read and dropped in the
+/// background (bounded, as for a refused request), so the client's request completes cleanly:
+/// an h2 client would otherwise see its stream reset.
+enum ClientBody {
+    Streaming(Option<Incoming>),
+    Whole(Option<Bytes>),
+}
+
+impl ClientBody {
+    /// Reads the body whole, up to `limit_bytes` (else 413, naming `purpose`), and keeps it to
+    /// be sent. A body the client framed badly is a 400.
+    async fn read_whole(
+        &mut self,
+        limit_bytes: usize,
+        purpose: &'static str,
+    ) -> Result<Bytes, ProxyError> {
+        let too_large = || ProxyError::BodyTooLarge {
+            limit_bytes,
+            purpose,
+        };
+        let incoming = match self {
+            Self::Whole(Some(bytes)) => return Ok(bytes.clone()),
+            Self::Whole(None) | Self::Streaming(None) => return Ok(Bytes::new()),
+            Self::Streaming(Some(incoming)) => incoming,
+        };
+        // A declared length says it before anything is read.
+        if http_body::Body::size_hint(incoming).lower() > limit_bytes as u64 {
+            return Err(too_large());
+        }
+        let mut whole = bytes::BytesMut::new();
+        while let Some(frame) = incoming.frame().await {
+            let frame = frame
+                .map_err(|err| ProxyError::BadRequest(format!("malformed request body: {err}")))?;
+            if let Ok(data) = frame.into_data() {
+                if whole.len() + data.len() > limit_bytes {
+                    return Err(too_large());
+                }
+                whole.extend_from_slice(&data);
+            }
+        }
+        let whole = whole.freeze();
+        *self = Self::Whole(Some(whole.clone()));
+        Ok(whole)
+    }
+
+    /// The request is refused: what is left of a streamed body is read and dropped (bounded).
+    async fn discard(mut self) {
+        if let Self::Streaming(rest) = &mut self {
+            if let Some(rest) = rest.take() {
+                body::discard(rest).await;
+            }
+        }
+    }
+}
 
 impl http_body::Body for ClientBody {
-    type Data = bytes::Bytes;
+    type Data = Bytes;
     type Error = hyper::Error;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        match self.0.as_mut() {
-            Some(body) => std::pin::Pin::new(body).poll_frame(cx),
-            None => std::task::Poll::Ready(None),
+        match &mut *self {
+            Self::Streaming(Some(body)) => std::pin::Pin::new(body).poll_frame(cx),
+            Self::Whole(whole) => {
+                std::task::Poll::Ready(whole.take().map(|b| Ok(http_body::Frame::data(b))))
+            }
+            Self::Streaming(None) => std::task::Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.0.as_ref().is_none_or(http_body::Body::is_end_stream)
+        match self {
+            Self::Streaming(body) => body.as_ref().is_none_or(http_body::Body::is_end_stream),
+            Self::Whole(whole) => whole.as_ref().is_none_or(Bytes::is_empty),
+        }
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.0.as_ref().map_or_else(
-            || http_body::SizeHint::with_exact(0),
-            http_body::Body::size_hint,
-        )
+        match self {
+            Self::Streaming(Some(body)) => http_body::Body::size_hint(body),
+            Self::Whole(Some(bytes)) => http_body::SizeHint::with_exact(bytes.len() as u64),
+            Self::Streaming(None) | Self::Whole(None) => http_body::SizeHint::with_exact(0),
+        }
     }
 }
 
 impl Drop for ClientBody {
     fn drop(&mut self) {
-        let Some(rest) = self.0.take() else { return };
+        let Self::Streaming(rest) = self else { return };
+        let Some(rest) = rest.take() else { return };
         if http_body::Body::is_end_stream(&rest) {
             return;
         }

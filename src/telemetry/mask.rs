@@ -115,6 +115,13 @@ impl Masker {
                 }
             }
         }
+        for signer in config.signers.values() {
+            secrets.extend(
+                signer
+                    .secrets()
+                    .map(|s| Zeroizing::new(s.expose().to_owned())),
+            );
+        }
         for client in &config.clients {
             if let Some(token) = &client.token {
                 secrets.push(Zeroizing::new(token.expose().to_owned()));

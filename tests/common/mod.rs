@@ -54,17 +54,7 @@ impl TestProxy {
 
     /// The admin listener's `/metrics` text.
     pub async fn metrics(&self) -> String {
-        reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .unwrap()
-            .get(format!("http://{}/metrics", self.admin))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        scrape(&format!("http://{}", self.admin)).await
     }
 
     /// The value of one series on `/metrics`, named as exposed, labels included (e.g.
@@ -900,6 +890,38 @@ pub struct RunningBinary {
     /// The stderr lines up to and including the "listening" line.
     pub startup: Vec<String>,
     lines: std::sync::mpsc::Receiver<String>,
+    /// Reads a piped stdout while the proxy runs (so a full pipe never blocks it).
+    stdout: Option<std::thread::JoinHandle<String>>,
+}
+
+/// Everything a stopped proxy wrote.
+pub struct Collected {
+    /// stdout (the audit, in the canaries' configurations).
+    pub stdout: String,
+    /// stderr, every line.
+    pub stderr: String,
+}
+
+impl Collected {
+    /// The canary's check: none of `secrets` in stdout, stderr, `metrics` or any of `bodies`.
+    pub fn assert_free_of(&self, secrets: &[&str], metrics: &str, bodies: &[String]) {
+        for secret in secrets {
+            assert!(
+                !self.stdout.contains(secret),
+                "{secret} in stdout:\n{}",
+                self.stdout
+            );
+            assert!(
+                !self.stderr.contains(secret),
+                "{secret} in stderr:\n{}",
+                self.stderr
+            );
+            assert!(!metrics.contains(secret), "{secret} in /metrics");
+            for body in bodies {
+                assert!(!body.contains(secret), "{secret} in a response: {body}");
+            }
+        }
+    }
 }
 
 /// Starts `portcullis ARGS` with `envs` and waits (up to 20 s) until it logs where it listens,
@@ -919,6 +941,13 @@ pub fn spawn_binary(
         command.env(name, value);
     }
     let mut child = ChildGuard(command.spawn().unwrap());
+    let stdout = child.0.stdout.take().map(|mut pipe| {
+        std::thread::spawn(move || {
+            let mut out = String::new();
+            std::io::Read::read_to_string(&mut pipe, &mut out).unwrap();
+            out
+        })
+    });
     let stderr = child.0.stderr.take().unwrap();
     let (tx, lines) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -959,6 +988,7 @@ pub fn spawn_binary(
             child,
             startup,
             lines,
+            stdout,
         };
     }
 }
@@ -984,6 +1014,42 @@ impl RunningBinary {
     pub fn drain_lines(&self) -> Vec<String> {
         self.lines.try_iter().collect()
     }
+
+    /// The admin listener's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        scrape(&self.admin).await
+    }
+
+    /// Stops the proxy (SIGTERM; it must exit 0 within 20 s) and returns what it wrote. For the
+    /// canaries, which run it with debug logging (checked here) and search everything for secrets.
+    pub fn stop_and_collect(mut self) -> Collected {
+        assert_eq!(self.child.terminate(Duration::from_secs(20)), Some(0));
+        let stdout = self
+            .stdout
+            .take()
+            .map(|reader| reader.join().unwrap())
+            .unwrap_or_default();
+        let mut stderr = std::mem::take(&mut self.startup);
+        stderr.extend(self.drain_lines());
+        let stderr = stderr.join("\n");
+        assert!(stderr.contains("DEBUG"), "debug logging was on");
+        Collected { stdout, stderr }
+    }
+}
+
+/// `/metrics` of the admin listener at `admin` (`http://host:port`), fetched directly.
+pub async fn scrape(admin: &str) -> String {
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 /// A response read off a raw connection: status, head (lower-cased header names), body.

@@ -8,8 +8,16 @@ use std::path::{Path, PathBuf};
 use crate::config::error::Problems;
 use crate::config::Secrets;
 use crate::credentials::{
-    Credential, CredentialSpec, Credentials, GithubApp, Minted, Minter, OAuth2, SecretSource,
+    AwsSigV4, Credential, CredentialSpec, Credentials, GithubApp, Minted, Minter, OAuth2,
+    SecretSource, Signers,
 };
+
+/// What `[credentials.*]` validates into: static, minted and signing credentials by kind.
+pub(super) struct Validated {
+    pub credentials: Credentials,
+    pub minted: Minted,
+    pub signers: Signers,
+}
 
 /// `[credentials.*]`: with [`Secrets::Resolve`], every secret is resolved now, so a missing one
 /// fails at load, not at the first request that needs it. With [`Secrets::Skip`] the same checks
@@ -21,18 +29,43 @@ pub(super) fn credentials(
     p: &mut Problems,
     warnings: &mut Vec<String>,
     secret_files: &mut Vec<PathBuf>,
-) -> (Credentials, Minted) {
+) -> Validated {
     let mut credentials = Credentials::new();
     let mut minted = Minted::new();
+    let mut signers = Signers::new();
     for (name, spec) in specs {
         let (source, sub) = spec.source();
-        if let SecretSource::Value(_) = source {
-            warnings.push(format!(
-                "credentials.{name}.{sub}: a literal `value` secret is meant for tests; use env or file"
-            ));
+        let sources = match spec {
+            CredentialSpec::AwsSigv4(a) => a.sources(),
+            _ => vec![(source, sub)],
+        };
+        for (source, sub) in sources {
+            if let SecretSource::Value(_) = source {
+                warnings.push(format!(
+                    "credentials.{name}.{sub}: a literal `value` secret is meant for tests; use env or file"
+                ));
+            }
+            if let Some(file) = source.file() {
+                secret_files.push(base.join(file));
+            }
         }
-        if let Some(file) = source.file() {
-            secret_files.push(base.join(file));
+        if let CredentialSpec::AwsSigv4(a) = spec {
+            // Every key resolved now: a missing one is a load (and `check`) error naming it.
+            let result = match secrets {
+                Secrets::Resolve => AwsSigV4::build(name, a, base).map(Some),
+                Secrets::Skip => AwsSigV4::check(a).map(|()| None),
+            };
+            match result {
+                Ok(Some(c)) => {
+                    signers.insert(name.clone(), std::sync::Arc::new(c));
+                }
+                Ok(None) => {}
+                Err(e) => p.add(
+                    format!("credentials.{name}.{}", sigv4_key(&e)),
+                    e.to_string(),
+                ),
+            }
+            continue;
         }
         if let CredentialSpec::Oauth2(o) = spec {
             // Minted kinds: checked and their secret resolved now; never minted here (§10).
@@ -87,7 +120,21 @@ pub(super) fn credentials(
             Err(e) => p.add(format!("credentials.{name}.{sub}"), e.to_string()),
         }
     }
-    (credentials, minted)
+    Validated {
+        credentials,
+        minted,
+        signers,
+    }
+}
+
+/// The key an `aws_sigv4` error is about: the scope key, or the secret source that failed.
+fn sigv4_key(e: &crate::credentials::CredentialError) -> &'static str {
+    use crate::credentials::CredentialError as E;
+    match e {
+        E::Scope(key) => key,
+        E::KeySecret(key, _) => key,
+        _ => "aws_sigv4",
+    }
 }
 
 /// The key an `oauth2` error is about.

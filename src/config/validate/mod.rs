@@ -44,7 +44,11 @@ pub(super) fn validate(
 
     let (listen, limits) = listen_and_limits(&raw.listen, &raw.limits, &mut p);
     let network = network(&raw.network, &mut p);
-    let (credentials, minted) = credentials(
+    let credentials::Validated {
+        credentials,
+        minted,
+        signers,
+    } = credentials(
         &raw.credentials,
         base,
         secrets,
@@ -81,6 +85,7 @@ pub(super) fn validate(
         audit,
         credentials,
         minted,
+        signers,
         rules,
         clients,
         secret_files,
