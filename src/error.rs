@@ -109,7 +109,7 @@ pub enum ProxyError {
     #[error("request loop detected: the request already passed through portcullis")]
     Loop,
     /// Clients are configured and this request did not identify as one.
-    #[error("{0}: use HTTP_PROXY=http://NAME:TOKEN@proxy:port")]
+    #[error("{0}")]
     ProxyAuthRequired(String),
     /// An intercepted request names another host than its tunnel.
     #[error("host {inner} does not match the tunnel's host {tunnel}")]

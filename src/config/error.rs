@@ -78,6 +78,11 @@ impl Problems {
         });
     }
 
+    /// How many problems are recorded so far.
+    pub(super) fn len(&self) -> usize {
+        self.list.len()
+    }
+
     /// `Ok` when nothing was recorded, else every problem in the order found.
     pub(super) fn into_result(self) -> Result<(), ConfigErrors> {
         if self.list.is_empty() {

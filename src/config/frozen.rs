@@ -109,6 +109,61 @@ pub struct Client {
     pub networks: Vec<IpNet>,
     /// Mode override.
     pub mode: Option<Mode>,
+    /// Identified by OIDC tokens of this issuer (spec §4).
+    pub oidc: Option<OidcClient>,
+}
+
+/// A client identified by its CI's OIDC token: which tokens it accepts.
+#[derive(Debug, Clone)]
+pub struct OidcClient {
+    /// The issuer, as configured (the metric label) and as tokens name it in `iss`.
+    pub issuer: Arc<str>,
+    /// The audience `aud` must contain.
+    pub audience: String,
+    /// Claim name and pattern, every one of which must match.
+    pub claims: Vec<(String, ClaimPattern)>,
+    /// Keys read from `jwks_file` at load; `None`: from the issuer's discovery document.
+    pub jwks: Option<Arc<jsonwebtoken::jwk::JwkSet>>,
+}
+
+/// An expected claim value: equality, or (when the value has `*`) a glob over the whole string
+/// in which `*` matches any characters, `/` included.
+#[derive(Debug, Clone)]
+pub enum ClaimPattern {
+    /// Equal to this text.
+    Exact(String),
+    /// Matches this glob (as written, and compiled).
+    Glob(String, globset::GlobMatcher),
+}
+
+impl ClaimPattern {
+    /// Compiles `text`: a glob when it contains `*`. Only `*` is special; `?`, `[`, `{` are literal.
+    pub fn new(text: &str) -> Result<Self, globset::Error> {
+        if !text.contains('*') {
+            return Ok(Self::Exact(text.to_owned()));
+        }
+        let escaped: Vec<String> = text.split('*').map(globset::escape).collect();
+        let matcher = globset::GlobBuilder::new(&escaped.join("*"))
+            .literal_separator(false)
+            .build()?
+            .compile_matcher();
+        Ok(Self::Glob(text.to_owned(), matcher))
+    }
+
+    /// Whether `value` (a claim's text) matches.
+    pub fn matches(&self, value: &str) -> bool {
+        match self {
+            Self::Exact(text) => text == value,
+            Self::Glob(_, matcher) => matcher.is_match(value),
+        }
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Exact(text) | Self::Glob(text, _) => text,
+        }
+    }
 }
 
 /// A validated, immutable configuration snapshot.

@@ -30,8 +30,8 @@ use figment::Figment;
 
 pub use error::{ConfigError, ConfigErrors};
 pub use frozen::{
-    AuditOutput, AuditSettings, Client, Config, Limits, Listen, Origin, TlsSettings,
-    UnresolvedConfig,
+    AuditOutput, AuditSettings, ClaimPattern, Client, Config, Limits, Listen, OidcClient, Origin,
+    TlsSettings, UnresolvedConfig,
 };
 pub use raw::{
     RawAudit, RawClient, RawConfig, RawHostRule, RawLimits, RawListen, RawNetwork, RawPolicy,

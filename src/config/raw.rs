@@ -225,4 +225,46 @@ pub struct RawClient {
     /// Overrides `policy.mode` for this client.
     #[serde(default)]
     pub mode: Option<Mode>,
+    /// Identified by the CI's OIDC token (spec §4) instead of a token or networks.
+    #[serde(default)]
+    pub oidc: Option<RawOidc>,
+}
+
+/// `oidc = { … }` of a `[[clients]]` entry (spec §4).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOidc {
+    /// The issuer URL, exactly as tokens name it in `iss`.
+    pub issuer: String,
+    /// The audience a token's `aud` must contain.
+    pub audience: String,
+    /// Claims the token must carry: equality, or a glob where the value has `*`.
+    #[serde(default)]
+    pub claims: std::collections::BTreeMap<String, ClaimValue>,
+    /// Keys from this JWKS file instead of the issuer's discovery document.
+    #[serde(default)]
+    pub jwks_file: Option<std::path::PathBuf>,
+}
+
+/// A claim's expected value as written: text, or a number or boolean compared by its JSON text.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum ClaimValue {
+    /// Text (a glob when it contains `*`).
+    Text(String),
+    /// An integer.
+    Integer(i64),
+    /// A boolean.
+    Bool(bool),
+}
+
+impl ClaimValue {
+    /// The value as the JSON text of a claim is compared with.
+    pub fn text(&self) -> String {
+        match self {
+            Self::Text(t) => t.clone(),
+            Self::Integer(i) => i.to_string(),
+            Self::Bool(b) => b.to_string(),
+        }
+    }
 }

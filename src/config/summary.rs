@@ -81,6 +81,26 @@ impl Config {
                     })
                     .collect();
                 push(&mut out, format!("  {}: {}", c.name, reach.join(", ")));
+                if let Some(o) = &c.oidc {
+                    let claims: Vec<String> = o
+                        .claims
+                        .iter()
+                        .map(|(name, pattern)| format!("{name}={}", pattern.as_str()))
+                        .collect();
+                    let keys = match o.jwks {
+                        Some(_) => "jwks_file",
+                        None => "discovery",
+                    };
+                    push(
+                        &mut out,
+                        format!(
+                            "    oidc issuer={} audience={} keys={keys} claims: {}",
+                            o.issuer,
+                            o.audience,
+                            if claims.is_empty() { "(any)".to_owned() } else { claims.join(" ") }
+                        ),
+                    );
+                }
             }
         }
         for w in &self.warnings {

@@ -3,7 +3,8 @@
 //!
 //! 1. the configuration snapshot current now (kept to the end, so a reload never changes a
 //!    request midway) and an audit record;
-//! 2. **client identity** ([`crate::identity`]): `Proxy-Authorization` or source network, else 407;
+//! 2. **client identity** ([`crate::identity`]): `Proxy-Authorization` (a client token, or an OIDC
+//!    token verified with its issuer's keys) or source network, else 407;
 //! 3. draining: a new CONNECT gets 503; other requests are served, and their responses say
 //!    `Connection: close`;
 //! 4. **CONNECT** ([`super::connect`]): policy, dial, `200`, then a raw tunnel
@@ -20,12 +21,13 @@ use hyper::body::Incoming;
 
 use super::connect;
 use super::headers::close_after;
+use super::oidc;
 use super::outcome;
 use super::request::{self, Origin};
 use super::state::{ConnCtx, Snapshot};
 use crate::body::Body;
 use crate::error::ProxyError;
-use crate::identity::Identity;
+use crate::identity::{Identity, Presented};
 use crate::telemetry::{Kind, Record};
 
 /// Serves one request from the proxy listener.
@@ -46,7 +48,7 @@ pub async fn serve(conn: &ConnCtx, mut req: Request<Incoming>) -> Response<Body>
         req.method(),
     );
     record_claimed_target(&mut record, &req);
-    let identity = match identify(conn, &snap, &req, &mut record) {
+    let identity = match identify(conn, &snap, &req, &mut record).await {
         Ok(identity) => identity,
         Err(err) => return outcome::respond(telemetry, record, Err(err)),
     };
@@ -84,17 +86,24 @@ fn record_claimed_target(record: &mut Record, req: &Request<Incoming>) {
 }
 
 /// Identifies the client; a failure is audited (client `unauthenticated`) and counted per
-/// claimed client. Report mode never relaxes this.
-fn identify(
+/// claimed client. Report mode never relaxes this. An OIDC token not seen before is verified
+/// with its issuer's keys ([`super::oidc`]).
+async fn identify(
     conn: &ConnCtx,
     snap: &Snapshot,
     req: &Request<Incoming>,
     record: &mut Record,
 ) -> Result<Identity, ProxyError> {
     let proxy_authorization = req.headers().get(PROXY_AUTHORIZATION);
-    match snap.clients.identify(proxy_authorization, conn.peer.ip()) {
+    let identified = match snap.clients.identify(proxy_authorization, conn.peer.ip()) {
+        Ok(Presented::Identified(identity)) => Ok(identity),
+        Ok(Presented::Oidc(pending)) => oidc::authenticate(conn, snap, &pending).await,
+        Err(failure) => Err(failure),
+    };
+    match identified {
         Ok(identity) => {
             record.event.client = identity.name.clone();
+            record.event.subject = identity.subject.clone();
             Ok(identity)
         }
         Err(failure) => {
@@ -105,7 +114,7 @@ fn identify(
                 .with_label_values(&[failure.label()])
                 .inc();
             tracing::info!(peer = %conn.peer, claimed = failure.label(), "{failure}");
-            Err(ProxyError::ProxyAuthRequired(failure.to_string()))
+            Err(ProxyError::ProxyAuthRequired(failure.details()))
         }
     }
 }

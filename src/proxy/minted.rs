@@ -19,7 +19,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{header, Method, Request};
-use http_body_util::{BodyExt, Limited};
 
 use super::upstream::Upstreams;
 use crate::body;
@@ -266,35 +265,17 @@ impl MintedEntry {
             }
         }
         .map_err(|_| "the token request cannot be built".to_owned())?;
-        let host = c.token_url().host().unwrap_or_default().to_owned();
         let sent = Instant::now();
-        let exchange = async {
-            let response = upstreams.request(req).await.map_err(|e| {
-                format!(
-                    "token endpoint unreachable ({})",
-                    super::upstream::failure(&host, &e)
-                )
-            })?;
-            let status = response.status();
-            if !status.is_success() {
-                return Err(format!("token endpoint answered {}", status.as_u16()));
+        let answer = upstreams
+            .exchange(req, "token endpoint", MAX_ANSWER, MINT_TIMEOUT)
+            .await?;
+        let answer = match c {
+            Minter::OAuth2(_) => OAuth2::parse_answer(&answer),
+            Minter::GithubApp(_) => {
+                crate::credentials::GithubApp::parse_answer(&answer, SystemTime::now())
             }
-            let answer = Limited::new(response.into_body(), MAX_ANSWER)
-                .collect()
-                .await
-                .map_err(|_| "the token endpoint's answer could not be read".to_owned())?
-                .to_bytes();
-            match c {
-                Minter::OAuth2(_) => OAuth2::parse_answer(&answer),
-                Minter::GithubApp(_) => {
-                    crate::credentials::GithubApp::parse_answer(&answer, SystemTime::now())
-                }
-            }
-            .map_err(|e| e.to_string())
-        };
-        let answer = tokio::time::timeout(MINT_TIMEOUT, exchange)
-            .await
-            .map_err(|_| "the token endpoint did not answer in time".to_owned())??;
+        }
+        .map_err(|e| e.to_string())?;
         // The lifetime is at most a year (`MAX_LIFETIME`): no overflow.
         let expires = sent.checked_add(answer.lifetime).unwrap_or(sent);
         let refresh_at = expires

@@ -16,6 +16,7 @@ mod intercept;
 pub mod keepalive;
 mod listener;
 pub mod minted;
+mod oidc;
 mod outcome;
 pub mod reload;
 mod request;

@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use super::keepalive::{IoCounter, LINGER};
 use super::minted::TokenCache;
+use super::oidc::KeyCache;
 use super::upstream::Upstreams;
 use crate::config::Config;
 use crate::identity::Clients;
@@ -51,6 +52,17 @@ impl Snapshot {
             config: Arc::new(config),
         })
     }
+
+    /// Exports at 0 the metric series named by this configuration (minted credentials, OIDC
+    /// issuers).
+    fn export_at_zero(&self, metrics: &crate::telemetry::Metrics) {
+        let issuers = self.clients.oidc_issuers();
+        let issuers: Vec<&str> = issuers.iter().map(|i| &**i).collect();
+        metrics.export_configured_at_zero(
+            self.config.minted.keys().map(String::as_str),
+            &issuers,
+        );
+    }
 }
 
 /// Process-wide state shared by every connection.
@@ -71,6 +83,8 @@ pub struct State {
     pub telemetry: Arc<Telemetry>,
     /// Minted credentials' tokens (kept across reloads that leave a credential unchanged).
     pub tokens: TokenCache,
+    /// OIDC issuers' keys (kept across reloads).
+    pub issuer_keys: KeyCache,
     connections: Arc<Semaphore>,
 }
 
@@ -83,11 +97,10 @@ impl State {
         telemetry: Arc<Telemetry>,
         max_connections: usize,
     ) -> Self {
-        telemetry
-            .metrics
-            .export_credentials_at_zero(snapshot.config.minted.keys().map(String::as_str));
+        snapshot.export_at_zero(&telemetry.metrics);
         Self {
             tokens: TokenCache::default(),
+            issuer_keys: KeyCache::default(),
             snapshot: ArcSwap::from_pointee(snapshot),
             own,
             tasks: TaskTracker::new(),
@@ -106,9 +119,7 @@ impl State {
 
     /// Replaces the snapshot: requests that start from now on use `snapshot`.
     pub fn swap(&self, snapshot: Snapshot) {
-        self.telemetry
-            .metrics
-            .export_credentials_at_zero(snapshot.config.minted.keys().map(String::as_str));
+        snapshot.export_at_zero(&self.telemetry.metrics);
         self.tokens.retain(&snapshot.config.minted);
         self.snapshot.store(Arc::new(snapshot));
     }

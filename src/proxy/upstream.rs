@@ -186,6 +186,41 @@ impl Upstreams {
     }
 }
 
+impl Upstreams {
+    /// One exchange the proxy makes for itself (a token endpoint, an OIDC issuer's keys): sends
+    /// `req`, requires a 2xx, and reads at most `limit_bytes` of the answer, all within
+    /// `timeout`. The error names `what` and a status code or a fixed reason — never anything
+    /// from the answer's body.
+    pub async fn exchange(
+        &self,
+        req: Request<Body>,
+        what: &str,
+        limit_bytes: usize,
+        timeout: std::time::Duration,
+    ) -> Result<bytes::Bytes, String> {
+        use http_body_util::BodyExt;
+        let host = req.uri().host().unwrap_or_default().to_owned();
+        let exchange = async {
+            let response = self
+                .request(req)
+                .await
+                .map_err(|e| format!("{what} unreachable ({})", failure(&host, &e)))?;
+            let status = response.status();
+            if !status.is_success() {
+                return Err(format!("{what} answered {}", status.as_u16()));
+            }
+            http_body_util::Limited::new(response.into_body(), limit_bytes)
+                .collect()
+                .await
+                .map(|collected| collected.to_bytes())
+                .map_err(|_| format!("the {what}'s answer could not be read"))
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| format!("the {what} did not answer in time"))?
+    }
+}
+
 /// Classifies a client error: dial failures keep their class; anything after connecting is the
 /// upstream dropping us.
 pub fn failure(host: &str, err: &hyper_util::client::legacy::Error) -> ProxyError {

@@ -59,6 +59,8 @@ pub struct Event {
     pub kind: Kind,
     /// Client identity.
     pub client: Arc<str>,
+    /// An OIDC client's token `sub` (null for token, network and anonymous clients).
+    pub subject: Option<Arc<str>>,
     /// Client socket address.
     pub peer: SocketAddr,
     /// Method (`CONNECT` for tunnels).
@@ -148,11 +150,12 @@ impl<'a> Serialize for EventLine<'a> {
                 .filter(|_| log_headers)
                 .map(|map| masker.headers(map))
         };
-        let mut out = serializer.serialize_struct("Event", 24)?;
+        let mut out = serializer.serialize_struct("Event", 25)?;
         out.serialize_field("ts", &Display(Timestamp(e.ts)))?;
         out.serialize_field("id", &format_args!("{:016x}", e.id))?;
         out.serialize_field("kind", &e.kind)?;
         out.serialize_field("client", &*e.client)?;
+        out.serialize_field("subject", &e.subject.as_deref())?;
         out.serialize_field("peer", &Display(e.peer))?;
         out.serialize_field("method", e.method.as_str())?;
         out.serialize_field("scheme", &e.scheme)?;
@@ -247,6 +250,7 @@ mod tests {
             id: 0xa1b2_c3d4_e5f6,
             kind: Kind::Request,
             client: Arc::from("frontend"),
+            subject: None,
             peer: "10.1.2.3:51234".parse().unwrap(),
             method: http::Method::GET,
             scheme: Some("https"),
@@ -274,7 +278,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             line,
-            r#"{"ts":"1970-01-01T00:00:00.000000Z","id":"0000a1b2c3d4e5f6","kind":"request","client":"frontend","peer":"10.1.2.3:51234","method":"GET","scheme":"https","host":"api.github.com","port":443,"path":"/repos/o/r","query":"per_page=100&token=<HIDDEN>","decision":"allow","reason":null,"rule":"api.github.com","credential":"github","intercepted":true,"status":200,"bytes_sent":0,"bytes_received":4567,"duration_ms":12.3,"upstream_addr":"140.82.112.6:443","request_headers":{"authorization":"<HIDDEN>","user-agent":"git/2.47"},"response_headers":null,"error":null}"#
+            r#"{"ts":"1970-01-01T00:00:00.000000Z","id":"0000a1b2c3d4e5f6","kind":"request","client":"frontend","subject":null,"peer":"10.1.2.3:51234","method":"GET","scheme":"https","host":"api.github.com","port":443,"path":"/repos/o/r","query":"per_page=100&token=<HIDDEN>","decision":"allow","reason":null,"rule":"api.github.com","credential":"github","intercepted":true,"status":200,"bytes_sent":0,"bytes_received":4567,"duration_ms":12.3,"upstream_addr":"140.82.112.6:443","request_headers":{"authorization":"<HIDDEN>","user-agent":"git/2.47"},"response_headers":null,"error":null}"#
         );
         let quiet = parse(
             "[audit]\nlog_headers = false\n",

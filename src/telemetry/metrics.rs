@@ -24,7 +24,7 @@ use crate::telemetry::event::Decision;
 
 /// Every metric family the proxy exports (histograms also as `_bucket`, `_sum`, `_count`), besides
 /// the process collector's `process_*` families. Dashboards and alert rules may use only these.
-pub const EXPORTED: [&str; 17] = [
+pub const EXPORTED: [&str; 18] = [
     "portcullis_requests_total",
     "portcullis_request_duration_seconds",
     "portcullis_tunnels_total",
@@ -42,6 +42,18 @@ pub const EXPORTED: [&str; 17] = [
     "portcullis_certificate_errors_total",
     "portcullis_credential_refreshes_total",
     "portcullis_credential_expiry_timestamp_seconds",
+    "portcullis_oidc_verifications_total",
+];
+
+/// The `result` labels of `portcullis_oidc_verifications_total` (spec §8).
+pub const OIDC_RESULTS: [&str; 7] = [
+    "ok",
+    "expired",
+    "signature",
+    "audience",
+    "issuer",
+    "no_client",
+    "malformed",
 ];
 
 /// The `result` labels of `portcullis_credential_refreshes_total`.
@@ -99,6 +111,9 @@ pub struct Metrics {
     pub audit_dropped: IntCounter,
     /// `portcullis_proxy_auth_failures_total{client}`: wrong or missing proxy credentials.
     pub auth_failures: IntCounterVec,
+    /// `portcullis_oidc_verifications_total{issuer, result}`: OIDC tokens verified (a token
+    /// remembered from an earlier verification is not counted again).
+    pub oidc_verifications: IntCounterVec,
     /// Handles per client, then per rule label. Shared by clones: they count into the same
     /// registry. Bounded like the labels (configured names, `none`, `anonymous`,
     /// `unauthenticated`); names dropped by a reload stay, as their series do.
@@ -252,6 +267,11 @@ impl Metrics {
                 "Requests with missing or wrong proxy credentials.",
                 &["client"],
             )?,
+            oidc_verifications: counter_vec(
+                "portcullis_oidc_verifications_total",
+                "OIDC client tokens verified, by configured issuer and result.",
+                &["issuer", "result"],
+            )?,
             by_rule: Arc::default(),
             registry,
         };
@@ -271,13 +291,31 @@ impl Metrics {
         for kind in UPSTREAM_KINDS {
             self.upstream_errors.with_label_values(&[kind]);
         }
-        // `portcullis_credential_refreshes_total` takes its first label from the configuration:
-        // see [`Metrics::export_credentials_at_zero`], called for every snapshot.
+        // `portcullis_credential_refreshes_total` and `portcullis_oidc_verifications_total` take
+        // their first label from the configuration: see [`Metrics::export_configured_at_zero`],
+        // called for every snapshot.
+    }
+
+    /// Creates, at 0, the series of configured names: every result of each minted credential
+    /// (`portcullis_credential_refreshes_total`) and of each OIDC issuer, and of tokens naming
+    /// no configured issuer (`portcullis_oidc_verifications_total`, when any issuer is).
+    pub fn export_configured_at_zero<'a>(
+        &self,
+        credentials: impl IntoIterator<Item = &'a str>,
+        issuers: &[&str],
+    ) {
+        self.export_credentials_at_zero(credentials);
+        let unconfigured = (!issuers.is_empty()).then_some("unconfigured");
+        for issuer in issuers.iter().copied().chain(unconfigured) {
+            for result in OIDC_RESULTS {
+                self.oidc_verifications.with_label_values(&[issuer, result]);
+            }
+        }
     }
 
     /// Creates, at 0, `portcullis_credential_refreshes_total` for every result of each of
     /// `credentials` (the minted credentials of a snapshot being put in service).
-    pub fn export_credentials_at_zero<'a>(&self, credentials: impl IntoIterator<Item = &'a str>) {
+    fn export_credentials_at_zero<'a>(&self, credentials: impl IntoIterator<Item = &'a str>) {
         for name in credentials {
             for result in REFRESH_RESULTS {
                 self.credential_refreshes.with_label_values(&[name, result]);
@@ -463,12 +501,17 @@ mod tests {
         m.upstream_errors.with_label_values(&["dns"]).inc();
         m.config_reloads.with_label_values(&["success"]).inc();
         m.auth_failures.with_label_values(&["unknown"]).inc();
-        m.export_credentials_at_zero(["api"]);
+        m.export_configured_at_zero(["api"], &["https://issuer.example"]);
         m.credential_expiry.with_label_values(&["api"]).set(1);
         let text = m.render();
         assert!(text.contains(
             "portcullis_credential_refreshes_total{credential=\"api\",result=\"failure\"} 0"
         ));
+        for issuer in ["https://issuer.example", "unconfigured"] {
+            assert!(text.contains(&format!(
+                "portcullis_oidc_verifications_total{{issuer=\"{issuer}\",result=\"no_client\"}} 0"
+            )));
+        }
         for name in EXPORTED {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
         }

@@ -24,7 +24,8 @@ mod sink;
 pub use event::{Decision, Event, EventLine, IdGenerator, Kind};
 pub use mask::{MaskedHeaders, Masker, HIDDEN, MASKED_HEADERS, MASKED_QUERY_PARAMS};
 pub use metrics::{
-    method_label, Gauged, Metrics, EXPORTED, REFRESH_RESULTS, RELOAD_FAILURE, RELOAD_SUCCESS,
+    method_label, Gauged, Metrics, EXPORTED, OIDC_RESULTS, REFRESH_RESULTS, RELOAD_FAILURE,
+    RELOAD_SUCCESS,
 };
 pub use record::{BodyProgress, Counted, Record};
 pub use sink::{AuditError, AuditSink};

@@ -52,6 +52,7 @@ impl Record {
                 id: telemetry.ids.next(),
                 kind,
                 client: client.clone(),
+                subject: None,
                 peer,
                 method: method.clone(),
                 scheme: None,

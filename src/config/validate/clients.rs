@@ -5,8 +5,8 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use crate::config::error::Problems;
-use crate::config::frozen::Client;
-use crate::config::raw::RawClient;
+use crate::config::frozen::{ClaimPattern, Client, OidcClient};
+use crate::config::raw::{RawClient, RawOidc};
 use crate::config::validate::network::cidrs;
 use crate::config::Secrets;
 use crate::credentials::SecretSource;
@@ -48,8 +48,17 @@ pub(super) fn clients(
             c.networks.as_deref().unwrap_or(&[]),
             p,
         );
-        if c.token.is_none() && networks.is_empty() {
-            p.add(key.clone(), "needs a token or networks to identify it");
+        let oidc = c
+            .oidc
+            .as_ref()
+            .and_then(|o| oidc(&format!("{key}.oidc"), o, base, secrets, p, secret_files));
+        match (&c.oidc, c.token.is_some() || !networks.is_empty()) {
+            (None, false) => p.add(key.clone(), "needs a token, networks or oidc to identify it"),
+            (Some(_), true) => p.add(
+                key.clone(),
+                "an oidc client is identified by its token alone: no token or networks",
+            ),
+            _ => {}
         }
         if let Some(SecretSource::Value(_)) = &c.token {
             warnings.push(format!(
@@ -74,7 +83,67 @@ pub(super) fn clients(
             token,
             networks,
             mode: c.mode,
+            oidc,
         });
     }
     (clients, names)
+}
+
+/// A client's `oidc` table: the issuer an absolute http(s) URL, an audience, claim patterns that
+/// compile, and the `jwks_file` (when given) read and parsed now — and watched, so a reload
+/// picks up rotated keys. Commands that read no secrets ([`Secrets::Skip`]) skip the file too: a
+/// pipeline container running `env` has no business with the issuer's keys.
+fn oidc(
+    key: &str,
+    raw: &RawOidc,
+    base: &Path,
+    secrets: Secrets,
+    p: &mut Problems,
+    secret_files: &mut Vec<PathBuf>,
+) -> Option<OidcClient> {
+    let before = p.len();
+    if crate::credentials::endpoint_url(&raw.issuer).is_none() {
+        p.add(
+            format!("{key}.issuer"),
+            format!("{:?} is not an absolute https:// (or http://) URL", raw.issuer),
+        );
+    }
+    if raw.audience.is_empty() {
+        p.add(format!("{key}.audience"), "must not be empty");
+    }
+    let mut claims = Vec::new();
+    for (name, value) in &raw.claims {
+        match ClaimPattern::new(&value.text()) {
+            Ok(pattern) if !name.is_empty() => claims.push((name.clone(), pattern)),
+            Ok(_) => p.add(format!("{key}.claims"), "a claim name must not be empty"),
+            Err(e) => p.add(format!("{key}.claims.{name}"), e.to_string()),
+        }
+    }
+    let jwks = match &raw.jwks_file {
+        None => None,
+        Some(_) if secrets == Secrets::Skip => None,
+        Some(file) => {
+            let path = base.join(file);
+            secret_files.push(path.clone());
+            let parsed = std::fs::read(&path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))
+                .and_then(|bytes| {
+                    serde_json::from_slice::<jsonwebtoken::jwk::JwkSet>(&bytes)
+                        .map_err(|e| format!("{} is not a JWKS: {e}", path.display()))
+                });
+            match parsed {
+                Ok(set) => Some(std::sync::Arc::new(set)),
+                Err(why) => {
+                    p.add(format!("{key}.jwks_file"), why);
+                    None
+                }
+            }
+        }
+    };
+    (p.len() == before).then(|| OidcClient {
+        issuer: std::sync::Arc::from(raw.issuer.as_str()),
+        audience: raw.audience.clone(),
+        claims,
+        jwks,
+    })
 }
