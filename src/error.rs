@@ -105,6 +105,9 @@ pub enum ProxyError {
         /// What the body was read for.
         purpose: &'static str,
     },
+    /// A minted credential's claim template needs a claim the client does not have.
+    #[error("{0}")]
+    MissingClaim(crate::credentials::MissingClaim),
     /// The request already went through this proxy.
     #[error("request loop detected: the request already passed through portcullis")]
     Loop,
@@ -142,7 +145,7 @@ pub struct Class {
 /// the listener counts for a connection refused at the limit before any request is read. The
 /// metric exports each at 0 from the start (spec §8), so `increase()` and alerts see the first
 /// denial; the tests hold this list to the table in both directions.
-pub const DENIAL_REASONS: [&str; 12] = [
+pub const DENIAL_REASONS: [&str; 13] = [
     "bad_request",
     "origin_form",
     "method_not_allowed",
@@ -153,6 +156,7 @@ pub const DENIAL_REASONS: [&str; 12] = [
     "destination_prohibited",
     "misdirected",
     "proxy_auth_required",
+    "missing_claim",
     "loop",
     "overloaded",
 ];
@@ -202,6 +206,7 @@ impl ProxyError {
                 true,
                 None,
             ),
+            Self::MissingClaim(_) => (S::FORBIDDEN, REQUEST_DENIED, "missing_claim", true, None),
             Self::Loop => (S::LOOP_DETECTED, "proxy_loop_detected", "loop", true, None),
             Self::Dns { .. } => (S::BAD_GATEWAY, "dns_error", "dns_error", false, Some("dns")),
             Self::Unavailable { .. } => (
@@ -477,6 +482,10 @@ mod tests {
                 limit_bytes: 10,
                 purpose: "a hash",
             },
+            ProxyError::MissingClaim(crate::credentials::MissingClaim {
+                credential: "gh".into(),
+                claim: "repository".into(),
+            }),
             ProxyError::Loop,
             ProxyError::ProxyAuthRequired("x".into()),
             ProxyError::Misdirected {
@@ -484,7 +493,7 @@ mod tests {
                 tunnel: "b".into(),
             },
         ]);
-        let mut covered = [false; 18];
+        let mut covered = [false; 19];
         for e in &errors {
             covered[match e {
                 ProxyError::BadRequest(_) => 0,
@@ -505,6 +514,7 @@ mod tests {
                 ProxyError::Misdirected { .. } => 15,
                 ProxyError::CredentialUnavailable { .. } => 16,
                 ProxyError::BodyTooLarge { .. } => 17,
+                ProxyError::MissingClaim(_) => 18,
             }] = true;
         }
         assert!(

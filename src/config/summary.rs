@@ -97,7 +97,11 @@ impl Config {
                             "    oidc issuer={} audience={} keys={keys} claims: {}",
                             o.issuer,
                             o.audience,
-                            if claims.is_empty() { "(any)".to_owned() } else { claims.join(" ") }
+                            if claims.is_empty() {
+                                "(any)".to_owned()
+                            } else {
+                                claims.join(" ")
+                            }
                         ),
                     );
                 }

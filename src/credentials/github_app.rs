@@ -165,6 +165,7 @@ impl GithubApp {
         if spec.app_id.is_empty() || !spec.app_id.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(CredentialError::NotHeaderSafe("github_app.app_id"));
         }
+        super::check_templates(&spec.repositories)?;
         let url = format!(
             "{}/app/installations/{}/access_tokens",
             api.trim_end_matches('/'),

@@ -10,6 +10,7 @@ pub mod github_app;
 pub mod oauth2;
 mod secret;
 pub mod sigv4;
+pub mod template;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -26,6 +27,7 @@ pub use github_app::{GithubApp, GithubAppSpec};
 pub use oauth2::{ClientAuth, OAuth2, OAuth2Spec};
 pub use secret::{Secret, SecretError, SecretSource};
 pub use sigv4::{AwsSigV4, AwsSigV4Spec};
+pub use template::{Claims, MissingClaim};
 
 /// A `[credentials.NAME]` entry as written.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -144,6 +146,9 @@ pub enum CredentialError {
     /// One of several secrets of a credential could not be read: the key it is under, and why.
     #[error("{1}")]
     KeySecret(&'static str, SecretError),
+    /// A claim template is malformed.
+    #[error("{0}")]
+    Template(String),
     /// An `aws_sigv4` region or service is not what a credential scope can hold.
     #[error("{0} must be lowercase letters, digits and '-'")]
     Scope(&'static str),
@@ -316,6 +321,85 @@ impl Minter {
         };
         configured.min(lifetime / 2)
     }
+}
+
+/// A minted credential's narrowing rendered from a client's claims: the values in field order,
+/// and the key the token cache keeps their token under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    /// The rendered values joined (the cache key under the credential).
+    pub key: String,
+    values: Vec<String>,
+}
+
+impl Minter {
+    /// The templated fields, in a fixed order: `oauth2.scopes` then `oauth2.audience`;
+    /// `github_app.repositories`.
+    fn template_fields(&self) -> Vec<&str> {
+        match self {
+            Self::OAuth2(o) => o
+                .scopes
+                .iter()
+                .map(String::as_str)
+                .chain(o.audience.as_deref())
+                .collect(),
+            Self::GithubApp(g) => g.repositories.iter().map(String::as_str).collect(),
+        }
+    }
+
+    /// Renders the claim templates of this credential from a client's claims: `None` when it has
+    /// none (one token for every client), else the rendered values. For `github_app.repositories`
+    /// an `owner/name` value becomes `name` (spec §4).
+    pub fn render(&self, claims: Option<&Claims>) -> Result<Option<Rendered>, MissingClaim> {
+        let fields = self.template_fields();
+        if !fields.iter().any(|f| template::is_template(f)) {
+            return Ok(None);
+        }
+        let repositories = matches!(self, Self::GithubApp(_));
+        let mut values = Vec::with_capacity(fields.len());
+        for field in fields {
+            let value = template::render(field, claims).map_err(|claim| MissingClaim {
+                credential: self.name().to_string(),
+                claim,
+            })?;
+            let value = match repositories && template::is_template(field) {
+                true => value.rsplit('/').next().unwrap_or_default().to_owned(),
+                false => value,
+            };
+            values.push(value);
+        }
+        Ok(Some(Rendered {
+            key: values.join("\u{1f}"),
+            values,
+        }))
+    }
+
+    /// This credential with its templated fields replaced by `rendered`'s values.
+    pub fn with_rendered(&self, rendered: &Rendered) -> Self {
+        let mut values = rendered.values.iter().cloned();
+        match self {
+            Self::OAuth2(o) => {
+                let mut r = o.clone();
+                r.scopes = o.scopes.iter().filter_map(|_| values.next()).collect();
+                r.audience = o.audience.as_ref().and_then(|_| values.next());
+                Self::OAuth2(r)
+            }
+            Self::GithubApp(g) => {
+                let mut r = g.clone();
+                r.repositories = values.collect();
+                Self::GithubApp(r)
+            }
+        }
+    }
+}
+
+/// Checks the claim templates of `fields`.
+pub(crate) fn check_templates<'a>(
+    fields: impl IntoIterator<Item = &'a String>,
+) -> Result<(), CredentialError> {
+    fields
+        .into_iter()
+        .try_for_each(|f| template::check(f).map_err(CredentialError::Template))
 }
 
 /// An endpoint the proxy itself calls (a token endpoint, an API base): an absolute `http://` or

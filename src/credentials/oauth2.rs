@@ -128,6 +128,7 @@ impl OAuth2 {
         if spec.client_id.contains(':') || spec.client_id.bytes().any(|b| b.is_ascii_control()) {
             return Err(CredentialError::NotHeaderSafe("oauth2.client_id"));
         }
+        super::check_templates(spec.scopes.iter().chain(&spec.audience))?;
         Ok(uri)
     }
 

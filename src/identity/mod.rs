@@ -21,8 +21,8 @@ use ipnet::IpNet;
 use ring::digest::{digest, SHA256};
 use subtle::ConstantTimeEq;
 
-use crate::config::OidcClient;
 use crate::config::Config;
+use crate::config::OidcClient;
 use crate::policy::Mode;
 use oidc::{Claims, OidcFailure};
 
@@ -307,7 +307,8 @@ impl Clients {
             let (name, token) = parse_basic(header).ok_or(AuthFailure::Wrong { claimed: None })?;
             // A password of a JWS's form naming a configured issuer is an OIDC token (spec §4).
             if oidc::looks_like_jws(&token)
-                && oidc::parse(&token).is_ok_and(|t| self.oidc_issuers().iter().any(|i| **i == *t.iss))
+                && oidc::parse(&token)
+                    .is_ok_and(|t| self.oidc_issuers().iter().any(|i| **i == *t.iss))
             {
                 return self.present_oidc(&token);
             }
@@ -385,7 +386,11 @@ mod tests {
     use crate::config::{parse, Origin};
 
     /// `identify`, for requests that present no OIDC token.
-    fn known(c: &Clients, header: Option<&HeaderValue>, source: IpAddr) -> Result<Identity, AuthFailure> {
+    fn known(
+        c: &Clients,
+        header: Option<&HeaderValue>,
+        source: IpAddr,
+    ) -> Result<Identity, AuthFailure> {
         match c.identify(header, source)? {
             Presented::Identified(identity) => Ok(identity),
             Presented::Oidc(p) => panic!("not an OIDC token: {p:?}"),
@@ -412,8 +417,7 @@ mod tests {
     #[test]
     fn tokens_identify_their_client_and_mode() {
         let c = clients("");
-        let fe = known(&c, Some(&basic("frontend:fe-token")), OUTSIDE)
-            .unwrap();
+        let fe = known(&c, Some(&basic("frontend:fe-token")), OUTSIDE).unwrap();
         assert_eq!(
             fe,
             Identity {
@@ -423,8 +427,7 @@ mod tests {
                 claims: None,
             }
         );
-        let rel = known(&c, Some(&basic("release:rel-token")), OUTSIDE)
-            .unwrap();
+        let rel = known(&c, Some(&basic("release:rel-token")), OUTSIDE).unwrap();
         assert_eq!(rel.mode, Mode::Report);
     }
 

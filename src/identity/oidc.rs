@@ -83,7 +83,6 @@ impl OidcFailure {
     }
 }
 
-
 /// A token as received, before verification: its header's algorithm and key id, and the issuer
 /// its payload names (trusted for nothing but choosing the issuer's keys).
 #[derive(Debug)]
@@ -164,7 +163,9 @@ pub fn parse(raw: &str) -> Result<Unverified<'_>, OidcFailure> {
     };
     let header = json(parts.next())?;
     let payload = json(parts.next())?;
-    let text = |map: &Map<String, Value>, key: &str| map.get(key).and_then(Value::as_str).map(str::to_owned);
+    let text = |map: &Map<String, Value>, key: &str| {
+        map.get(key).and_then(Value::as_str).map(str::to_owned)
+    };
     Ok(Unverified {
         raw,
         alg: text(&header, "alg").ok_or(OidcFailure::Malformed)?,

@@ -23,7 +23,7 @@ use http::{header, Method, Request};
 use super::upstream::Upstreams;
 use crate::body;
 use crate::credentials::github_app::Inject;
-use crate::credentials::{Credential, Minter, OAuth2};
+use crate::credentials::{Claims, Credential, Minter, MissingClaim, OAuth2};
 use crate::error::ProxyError;
 use crate::telemetry::Metrics;
 
@@ -57,7 +57,7 @@ impl TokenCache {
             Err(poisoned) => poisoned.into_inner(),
         };
         if let Some(entry) = entries.get(&**config.name()) {
-            if Arc::ptr_eq(&entry.config, config) || *entry.config == **config {
+            if Arc::ptr_eq(&entry.template, config) || *entry.template == **config {
                 return entry.clone();
             }
         }
@@ -66,13 +66,45 @@ impl TokenCache {
         entry
     }
 
+    /// The entry a request's client mints with: with claim templates (spec §4), one per
+    /// rendered value (the build of repository X gets a token for X only); else
+    /// [`TokenCache::entry`]. A client without a claim a template needs → [`MissingClaim`].
+    pub fn entry_for(
+        &self,
+        config: &Arc<Minter>,
+        claims: Option<&Claims>,
+    ) -> Result<Arc<MintedEntry>, MissingClaim> {
+        let Some(rendered) = config.render(claims)? else {
+            return Ok(self.entry(config));
+        };
+        let key = format!("{}\u{0}{}", config.name(), rendered.key);
+        let mut entries = match self.entries.lock() {
+            Ok(entries) => entries,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(entry) = entries.get(&key) {
+            if Arc::ptr_eq(&entry.template, config) || *entry.template == **config {
+                return Ok(entry.clone());
+            }
+        }
+        let mut entry = MintedEntry::new(Arc::new(config.with_rendered(&rendered)));
+        entry.template = config.clone();
+        let entry = Arc::new(entry);
+        entries.insert(key, entry.clone());
+        Ok(entry)
+    }
+
     /// Drops the entries of credentials no longer configured (or configured differently).
     pub fn retain(&self, configured: &crate::credentials::Minted) {
         let mut entries = match self.entries.lock() {
             Ok(entries) => entries,
             Err(poisoned) => poisoned.into_inner(),
         };
-        entries.retain(|name, entry| configured.get(name).is_some_and(|c| **c == *entry.config));
+        entries.retain(|_, entry| {
+            configured
+                .get(&**entry.template.name())
+                .is_some_and(|c| **c == *entry.template)
+        });
     }
 }
 
@@ -91,9 +123,13 @@ struct Attempt {
     failure: Option<String>,
 }
 
-/// One minted credential: its configuration, its current token, and the single-flight lock.
+/// One minted credential (or one rendering of a templated one): its configuration, its current
+/// token, and the single-flight lock.
 pub struct MintedEntry {
+    /// What it mints with (rendered, for a templated credential).
     config: Arc<Minter>,
+    /// The credential as configured (what a reload compares).
+    template: Arc<Minter>,
     current: RwLock<Option<Arc<Token>>>,
     /// Held by whoever mints (across the token request: a tokio lock).
     minting: tokio::sync::Mutex<()>,
@@ -104,6 +140,7 @@ pub struct MintedEntry {
 impl MintedEntry {
     fn new(config: Arc<Minter>) -> Self {
         Self {
+            template: config.clone(),
             config,
             current: RwLock::new(None),
             minting: tokio::sync::Mutex::new(()),

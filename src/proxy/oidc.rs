@@ -64,7 +64,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl KeyCache {
     fn issuer(&self, issuer: &Arc<str>) -> Arc<IssuerKeys> {
-        lock(&self.issuers).entry(issuer.clone()).or_default().clone()
+        lock(&self.issuers)
+            .entry(issuer.clone())
+            .or_default()
+            .clone()
     }
 }
 
@@ -155,7 +158,12 @@ async fn fetch(issuer: &str, upstreams: &Upstreams) -> Result<JwkSet, String> {
     let discovery = crate::credentials::endpoint_url(&discovery)
         .ok_or_else(|| "the issuer is not a URL".to_owned())?;
     let document: Bytes = upstreams
-        .exchange(get(discovery)?, "discovery document", MAX_DOCUMENT_BYTES, FETCH_TIMEOUT)
+        .exchange(
+            get(discovery)?,
+            "discovery document",
+            MAX_DOCUMENT_BYTES,
+            FETCH_TIMEOUT,
+        )
         .await?;
     let document: serde_json::Value = serde_json::from_slice(&document)
         .map_err(|_| "the discovery document is not JSON".to_owned())?;
@@ -169,7 +177,12 @@ async fn fetch(issuer: &str, upstreams: &Upstreams) -> Result<JwkSet, String> {
         .and_then(crate::credentials::endpoint_url)
         .ok_or_else(|| "the discovery document has no usable jwks_uri".to_owned())?;
     let jwks = upstreams
-        .exchange(get(jwks_uri)?, "JWKS endpoint", MAX_DOCUMENT_BYTES, FETCH_TIMEOUT)
+        .exchange(
+            get(jwks_uri)?,
+            "JWKS endpoint",
+            MAX_DOCUMENT_BYTES,
+            FETCH_TIMEOUT,
+        )
         .await?;
     serde_json::from_slice(&jwks).map_err(|_| "the JWKS is not a key set".to_owned())
 }
@@ -196,7 +209,11 @@ pub async fn authenticate(
     result
 }
 
-async fn verify(conn: &ConnCtx, snap: &Snapshot, pending: &Pending) -> Result<Identity, AuthFailure> {
+async fn verify(
+    conn: &ConnCtx,
+    snap: &Snapshot,
+    pending: &Pending,
+) -> Result<Identity, AuthFailure> {
     let fail = |failure| AuthFailure::Oidc {
         issuer: pending.issuer.clone(),
         failure,

@@ -166,7 +166,16 @@ pub async fn handle(
     // The upstream client derives Host (HTTP/1.1) or :authority (h2) from the absolute URI, so
     // what is sent is exactly what policy judged.
     parts.headers.remove(header::HOST);
-    let applied = apply_credential(conn, snap, rule, &mut parts, &mut client_body, record).await;
+    let applied = apply_credential(
+        conn,
+        snap,
+        identity,
+        rule,
+        &mut parts,
+        &mut client_body,
+        record,
+    )
+    .await;
     let injected = match applied {
         Ok(injected) => injected,
         Err(err) => {
@@ -305,12 +314,14 @@ pub fn refuse_userinfo(authority: &Authority) -> Result<(), ProxyError> {
 /// Applies the rule's credential, counts it and names it in the audit record:
 /// - a static one overwrites any client-sent header of its name;
 /// - a minted one (spec §10) comes from the token cache: minted now if there is no valid token,
-///   or the request fails (503) naming the credential;
+///   or the request fails (503) naming the credential; with claim templates, the token is the
+///   one for the client's rendered claims (403 when the client lacks a claim);
 /// - an `aws_sigv4` one re-signs the request, reading the body whole first when its payload hash
 ///   needs it (413 over 10 MiB).
 async fn apply_credential<'s>(
     conn: &ConnCtx,
     snap: &'s Snapshot,
+    identity: &Identity,
     rule: Option<&Rule>,
     parts: &mut Parts,
     client_body: &mut ClientBody,
@@ -324,7 +335,11 @@ async fn apply_credential<'s>(
         Injected::Static(cred)
     } else if let Some(minted) = snap.config.minted.get(name) {
         record.event.credential = Some(minted.name().clone());
-        let entry = conn.state.tokens.entry(minted);
+        let entry = conn
+            .state
+            .tokens
+            .entry_for(minted, identity.claims.as_deref())
+            .map_err(ProxyError::MissingClaim)?;
         let token = entry
             .token(&snap.upstreams, &conn.state.telemetry.metrics)
             .await?;

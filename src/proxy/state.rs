@@ -58,10 +58,7 @@ impl Snapshot {
     fn export_at_zero(&self, metrics: &crate::telemetry::Metrics) {
         let issuers = self.clients.oidc_issuers();
         let issuers: Vec<&str> = issuers.iter().map(|i| &**i).collect();
-        metrics.export_configured_at_zero(
-            self.config.minted.keys().map(String::as_str),
-            &issuers,
-        );
+        metrics.export_configured_at_zero(self.config.minted.keys().map(String::as_str), &issuers);
     }
 }
 

@@ -53,7 +53,10 @@ pub(super) fn clients(
             .as_ref()
             .and_then(|o| oidc(&format!("{key}.oidc"), o, base, secrets, p, secret_files));
         match (&c.oidc, c.token.is_some() || !networks.is_empty()) {
-            (None, false) => p.add(key.clone(), "needs a token, networks or oidc to identify it"),
+            (None, false) => p.add(
+                key.clone(),
+                "needs a token, networks or oidc to identify it",
+            ),
             (Some(_), true) => p.add(
                 key.clone(),
                 "an oidc client is identified by its token alone: no token or networks",
@@ -105,7 +108,10 @@ fn oidc(
     if crate::credentials::endpoint_url(&raw.issuer).is_none() {
         p.add(
             format!("{key}.issuer"),
-            format!("{:?} is not an absolute https:// (or http://) URL", raw.issuer),
+            format!(
+                "{:?} is not an absolute https:// (or http://) URL",
+                raw.issuer
+            ),
         );
     }
     if raw.audience.is_empty() {

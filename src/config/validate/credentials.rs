@@ -142,6 +142,7 @@ fn oauth2_key(e: &crate::credentials::CredentialError, secret_key: &'static str)
     use crate::credentials::CredentialError as E;
     match e {
         E::TokenUrl(_) => "oauth2.token_url",
+        E::Template(_) => "oauth2.scopes",
         E::NotHeaderSafe(_) => "oauth2.client_id",
         _ => secret_key,
     }
@@ -155,6 +156,7 @@ fn github_app_key(
     use crate::credentials::CredentialError as E;
     match e {
         E::ApiUrl(_) => "github_app.api_url",
+        E::Template(_) => "github_app.repositories",
         E::NotDigits(_) => "github_app.installation_id",
         E::NotHeaderSafe(_) => "github_app.app_id",
         _ => secret_key,
