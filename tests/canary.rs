@@ -12,6 +12,8 @@ use common::*;
 const ENV_SECRET: &str = "CANARY-env-3b9f1e";
 const FILE_SECRET: &str = "CANARY-file-8d2c7a";
 const VALUE_SECRET: &str = "CANARY-value-51ae0c";
+/// A secret with characters JSON escapes and queries percent-encode.
+const QUOTED_SECRET: &str = r#"CANARY-q"uo\te/d+7f"#;
 
 #[tokio::test]
 async fn no_secret_reaches_any_output() {
@@ -20,6 +22,7 @@ async fn no_secret_reaches_any_output() {
     let dir = tempfile::tempdir().unwrap();
     up.write_ca(dir.path(), "upstream-ca.pem");
     std::fs::write(dir.path().join("secret-file"), format!("{FILE_SECRET}\r\n")).unwrap();
+    std::fs::write(dir.path().join("quoted-secret"), QUOTED_SECRET).unwrap();
     let (port, plain_port) = (up.port(), plain.port());
     let config = format!(
         r#"
@@ -39,6 +42,8 @@ bearer = {{ env = "PORTCULLIS_CANARY_TOKEN" }}
 basic = {{ username = "svc", password = {{ file = "secret-file" }} }}
 [credentials.from-value]
 header = {{ name = "X-API-Key", value = {{ value = "{VALUE_SECRET}" }} }}
+[credentials.quoted]
+bearer = {{ file = "quoted-secret" }}
 [[hosts]]
 host = "secure.test"
 ports = [{port}]
@@ -108,6 +113,20 @@ credential = "from-value"
         "--cacert",
         ca.to_str().unwrap(),
         &format!("{base}/env/respond-header/x-debug-token/{ENV_SECRET}"),
+    ])
+    .await;
+    assert_eq!(out.status, 200, "{out:?}");
+    // A secret with a quote, a backslash, `/` and `+`: in a client header (JSON-escaped in the
+    // audit line) and percent-encoded in a query.
+    let percent_encoded = "CANARY-q%22uo%5Cte%2Fd%2B7f";
+    let out = curl(&[
+        "-x",
+        &proxy,
+        "--cacert",
+        ca.to_str().unwrap(),
+        "-H",
+        &format!("X-Other-Note: {QUOTED_SECRET}"),
+        &format!("{base}/env/count?other={percent_encoded}"),
     ])
     .await;
     assert_eq!(out.status, 200, "{out:?}");
@@ -192,6 +211,12 @@ credential = "from-value"
                 "{secret} in a generated response: {body}"
             );
         }
+    }
+    let json_escaped = serde_json::to_string(QUOTED_SECRET).unwrap();
+    let json_escaped = json_escaped.trim_matches('"');
+    for form in [QUOTED_SECRET, json_escaped, percent_encoded] {
+        assert!(!stdout.contains(form), "{form} in stdout:\n{stdout}");
+        assert!(!stderr.contains(form), "{form} in stderr");
     }
     // Base64 of the basic credential must not leak either.
     let encoded = basic("svc", FILE_SECRET);

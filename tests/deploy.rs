@@ -768,6 +768,10 @@ fn alert_unit_tests_cover_the_tunnel_only_alerts_with_exported_series() {
                     assert_eq!(keys, ["credential", "result"], "{selector}");
                     assert!(portcullis::telemetry::REFRESH_RESULTS.contains(&label("result")));
                 }
+                "portcullis_oidc_verifications_total" => {
+                    assert_eq!(keys, ["issuer", "result"], "{selector}");
+                    assert!(portcullis::telemetry::OIDC_RESULTS.contains(&label("result")));
+                }
                 TUNNELS => {
                     assert_eq!(keys, ["client", "decision", "rule"], "{selector}");
                     assert!(["allow", "deny", "would_deny"].contains(&label("decision")));
@@ -788,6 +792,7 @@ fn alert_unit_tests_cover_the_tunnel_only_alerts_with_exported_series() {
         "PortcullisConfigReloadFailed",
         "PortcullisUpstreamErrors",
         "PortcullisDenialSpike",
+        "PortcullisOidcRejections",
     ] {
         assert!(firing.contains(alert), "no test where {alert} fires");
     }

@@ -27,7 +27,19 @@ impl Echoes {
     /// Echoes of `patterns` (empty ones ignored); `None` if there is nothing to look for or the
     /// automaton cannot be built.
     pub fn new(patterns: &[&[u8]]) -> Option<Self> {
-        let patterns: Vec<&[u8]> = patterns.iter().copied().filter(|p| !p.is_empty()).collect();
+        // Each secret also in the forms a JSON body or a query string would carry it.
+        let encoded: Vec<Vec<u8>> = patterns
+            .iter()
+            .filter_map(|p| std::str::from_utf8(p).ok())
+            .flat_map(encoded_forms)
+            .map(String::into_bytes)
+            .collect();
+        let patterns: Vec<&[u8]> = patterns
+            .iter()
+            .copied()
+            .chain(encoded.iter().map(Vec::as_slice))
+            .filter(|p| !p.is_empty())
+            .collect();
         let longest = patterns.iter().map(|p| p.len()).max()?;
         let automaton = AhoCorasick::builder()
             .match_kind(MatchKind::LeftmostLongest)
@@ -39,7 +51,8 @@ impl Echoes {
         })
     }
 
-    /// Replaces every occurrence in `bytes` by `*`s; whether anything was replaced.
+    /// Replaces every occurrence in `bytes` by `*`s (each secret raw, JSON-escaped and
+    /// percent-encoded); whether anything was replaced.
     pub fn mask(&self, bytes: &mut [u8]) -> bool {
         let found: Vec<(usize, usize)> = self
             .automaton
@@ -172,9 +185,45 @@ where
     }
 }
 
+/// The other forms a secret takes where it may be echoed or logged: JSON-escaped (a `"`, `\\` or
+/// control character in a JSON string) and percent-encoded (in a query string or a form), each
+/// only when it differs from the secret itself. Maskers search for these too.
+pub fn encoded_forms(secret: &str) -> Vec<String> {
+    let mut forms = Vec::new();
+    if let Ok(json) = serde_json::to_string(secret) {
+        let inner = &json[1..json.len() - 1];
+        if inner != secret {
+            forms.push(inner.to_owned());
+        }
+    }
+    const UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    let percent = percent_encoding::utf8_percent_encode(secret, UNRESERVED).to_string();
+    if percent != secret {
+        forms.push(percent);
+    }
+    forms
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn encoded_forms_of_a_secret() {
+        assert!(encoded_forms("plainSecret-1.2_3~").is_empty());
+        assert_eq!(
+            encoded_forms("a\"b/c+d"),
+            vec!["a\\\"b/c+d".to_owned(), "a%22b%2Fc%2Bd".to_owned()]
+        );
+        let echoes = Echoes::new(&[b"p\"w/d"]).unwrap();
+        let mut body = br#"{"echo":"p\"w/d","q":"p%22w%2Fd"}"#.to_vec();
+        assert!(echoes.mask(&mut body));
+        assert_eq!(body, br#"{"echo":"******","q":"*********"}"#.to_vec());
+    }
 
     use http_body_util::{BodyExt, StreamBody};
 

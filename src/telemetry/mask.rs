@@ -141,6 +141,13 @@ impl Masker {
     }
 
     fn secrets(mut secrets: Vec<Zeroizing<String>>) -> Secrets {
+        // The audit line is JSON and queries are percent-encoded: each secret in those forms too.
+        let encoded: Vec<Zeroizing<String>> = secrets
+            .iter()
+            .flat_map(|s| crate::credentials::encoded_forms(s))
+            .map(Zeroizing::new)
+            .collect();
+        secrets.extend(encoded);
         // An empty pattern would match between every two characters.
         secrets.retain(|s| !s.is_empty());
         // Longest first: the order the one-by-one fallback needs (the automaton does not care).
