@@ -58,9 +58,10 @@ pub struct GithubAppSpec {
     /// Repositories (names) the token is narrowed to.
     #[serde(default)]
     pub repositories: Vec<String>,
-    /// Repository ids the token is narrowed to.
+    /// Repository ids the token is narrowed to: numbers, or claim templates
+    /// (`"{claims.repository_id}"`).
     #[serde(default)]
-    pub repository_ids: Vec<u64>,
+    pub repository_ids: Vec<RepositoryId>,
     /// Permissions the token is narrowed to, e.g. `{ contents = "read" }`.
     #[serde(default)]
     pub permissions: BTreeMap<String, String>,
@@ -89,8 +90,8 @@ pub struct GithubApp {
     key: EncodingKey,
     /// Repositories.
     pub repositories: Vec<String>,
-    /// Repository ids.
-    pub repository_ids: Vec<u64>,
+    /// Repository ids (templates rendered per client before minting).
+    pub repository_ids: Vec<RepositoryId>,
     /// Permissions.
     pub permissions: BTreeMap<String, String>,
     /// How the token is injected.
@@ -127,6 +128,16 @@ impl fmt::Debug for GithubApp {
     }
 }
 
+/// A `repository_ids` entry: a number, or a claim template rendered to one per client.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum RepositoryId {
+    /// A repository id.
+    Id(u64),
+    /// A claim template (`"{claims.repository_id}"`), whose rendering must be a number.
+    Template(String),
+}
+
 /// The JWT's claims.
 #[derive(Serialize)]
 struct Claims<'a> {
@@ -140,8 +151,8 @@ struct Claims<'a> {
 struct Narrowing<'a> {
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     repositories: &'a [String],
-    #[serde(skip_serializing_if = "<[u64]>::is_empty")]
-    repository_ids: &'a [u64],
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    repository_ids: Vec<u64>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     permissions: &'a BTreeMap<String, String>,
 }
@@ -166,6 +177,16 @@ impl GithubApp {
             return Err(CredentialError::NotHeaderSafe("github_app.app_id"));
         }
         super::check_templates(&spec.repositories)?;
+        for id in &spec.repository_ids {
+            if let RepositoryId::Template(text) = id {
+                if !super::template::is_template(text) {
+                    return Err(CredentialError::Template(format!(
+                        "repository_ids: {text:?} is neither a number nor a claim template"
+                    )));
+                }
+                super::template::check(text).map_err(CredentialError::Template)?;
+            }
+        }
         let url = format!(
             "{}/app/installations/{}/access_tokens",
             api.trim_end_matches('/'),
@@ -230,7 +251,15 @@ impl GithubApp {
         auth.set_sensitive(true);
         let body = serde_json::to_vec(&Narrowing {
             repositories: &self.repositories,
-            repository_ids: &self.repository_ids,
+            // Templates are rendered before a token is requested (`Minter::with_rendered`).
+            repository_ids: self
+                .repository_ids
+                .iter()
+                .filter_map(|id| match id {
+                    RepositoryId::Id(id) => Some(*id),
+                    RepositoryId::Template(_) => None,
+                })
+                .collect(),
             permissions: &self.permissions,
         })
         .map_err(|_| CredentialError::Signing)?;

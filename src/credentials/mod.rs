@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 pub use echo::{encoded_forms, Echoes, Masked};
-pub use github_app::{GithubApp, GithubAppSpec};
+pub use github_app::{GithubApp, GithubAppSpec, RepositoryId};
 pub use oauth2::{ClientAuth, OAuth2, OAuth2Spec};
 pub use secret::{Secret, SecretError, SecretSource};
 pub use sigv4::{AwsSigV4, AwsSigV4Spec};
@@ -334,7 +334,7 @@ pub struct Rendered {
 
 impl Minter {
     /// The templated fields, in a fixed order: `oauth2.scopes` then `oauth2.audience`;
-    /// `github_app.repositories`.
+    /// `github_app.repositories` then the templates among `github_app.repository_ids`.
     fn template_fields(&self) -> Vec<&str> {
         match self {
             Self::OAuth2(o) => o
@@ -343,7 +343,15 @@ impl Minter {
                 .map(String::as_str)
                 .chain(o.audience.as_deref())
                 .collect(),
-            Self::GithubApp(g) => g.repositories.iter().map(String::as_str).collect(),
+            Self::GithubApp(g) => g
+                .repositories
+                .iter()
+                .map(String::as_str)
+                .chain(g.repository_ids.iter().filter_map(|id| match id {
+                    RepositoryId::Template(t) => Some(t.as_str()),
+                    RepositoryId::Id(_) => None,
+                }))
+                .collect(),
         }
     }
 
@@ -355,16 +363,30 @@ impl Minter {
         if !fields.iter().any(|f| template::is_template(f)) {
             return Ok(None);
         }
-        let repositories = matches!(self, Self::GithubApp(_));
+        // Which fields are repository names (owner/name → name) and which ids (numbers).
+        let (names, ids) = match self {
+            Self::GithubApp(g) => (g.repositories.len(), fields.len() - g.repositories.len()),
+            Self::OAuth2(_) => (0, 0),
+        };
+        let missing = |claim| MissingClaim {
+            credential: self.name().to_string(),
+            claim,
+        };
         let mut values = Vec::with_capacity(fields.len());
-        for field in fields {
-            let value = template::render(field, claims).map_err(|claim| MissingClaim {
-                credential: self.name().to_string(),
-                claim,
-            })?;
-            let value = match repositories && template::is_template(field) {
-                true => value.rsplit('/').next().unwrap_or_default().to_owned(),
-                false => value,
+        for (i, field) in fields.iter().enumerate() {
+            let value = template::render(field, claims).map_err(missing)?;
+            let value = if i < names && template::is_template(field) {
+                value.rsplit('/').next().unwrap_or_default().to_owned()
+            } else if ids > 0 && i >= names && value.parse::<u64>().is_err() {
+                // A repository id claim that is not a number cannot narrow a token.
+                return Err(missing(
+                    field
+                        .trim_start_matches("{claims.")
+                        .trim_end_matches('}')
+                        .to_owned(),
+                ));
+            } else {
+                value
             };
             values.push(value);
         }
@@ -386,7 +408,22 @@ impl Minter {
             }
             Self::GithubApp(g) => {
                 let mut r = g.clone();
-                r.repositories = values.collect();
+                r.repositories = g
+                    .repositories
+                    .iter()
+                    .filter_map(|_| values.next())
+                    .collect();
+                r.repository_ids = g
+                    .repository_ids
+                    .iter()
+                    .map(|id| match id {
+                        RepositoryId::Template(_) => values
+                            .next()
+                            .and_then(|v| v.parse().ok())
+                            .map_or_else(|| id.clone(), RepositoryId::Id),
+                        RepositoryId::Id(_) => id.clone(),
+                    })
+                    .collect();
                 Self::GithubApp(r)
             }
         }
@@ -475,6 +512,68 @@ mod tests {
             Credential::check("p", &bad_prefix).unwrap_err(),
             CredentialError::NotHeaderSafe("header.prefix")
         );
+    }
+
+    #[test]
+    fn claim_templates_render_per_client() {
+        let spec = OAuth2Spec {
+            token_url: "https://auth.example/token".into(),
+            client_id: "c".into(),
+            client_secret: SecretSource::Value("s".into()),
+            scopes: vec!["read".into(), "repo:{claims.repository}".into()],
+            audience: Some("{claims.aud_claim}".into()),
+            client_auth: ClientAuth::Basic,
+            extra: BTreeMap::new(),
+            refresh_before_seconds: None,
+        };
+        let minter = Minter::OAuth2(OAuth2::build("api", &spec, Path::new(".")).unwrap());
+        let claims: Claims =
+            serde_json::from_str(r#"{"repository":"acme/app","aud_claim":"https://api"}"#).unwrap();
+        let rendered = minter.render(Some(&claims)).unwrap().unwrap();
+        let Minter::OAuth2(o) = minter.with_rendered(&rendered) else {
+            panic!("an oauth2 minter")
+        };
+        assert_eq!(o.scopes, ["read", "repo:acme/app"]);
+        assert_eq!(o.audience.as_deref(), Some("https://api"));
+        // Another client, another key; a client without the claim: refused, naming it.
+        let other: Claims =
+            serde_json::from_str(r#"{"repository":"acme/lib","aud_claim":"https://api"}"#).unwrap();
+        assert_ne!(
+            minter.render(Some(&other)).unwrap().unwrap().key,
+            rendered.key
+        );
+        let err = minter.render(None).unwrap_err();
+        assert_eq!(err.to_string(), "credential api needs claim repository");
+        // No template: one token for everyone.
+        let plain = OAuth2Spec {
+            scopes: vec!["read".into()],
+            audience: None,
+            ..spec
+        };
+        let plain = Minter::OAuth2(OAuth2::build("api", &plain, Path::new(".")).unwrap());
+        assert_eq!(plain.render(None).unwrap(), None);
+        // A malformed placeholder is a load error.
+        let bad = OAuth2Spec {
+            scopes: vec!["{claims.repo".into()],
+            ..OAuth2Spec::clone(&spec_for_errors())
+        };
+        assert!(matches!(
+            OAuth2::check(&bad),
+            Err(CredentialError::Template(_))
+        ));
+    }
+
+    fn spec_for_errors() -> OAuth2Spec {
+        OAuth2Spec {
+            token_url: "https://auth.example/token".into(),
+            client_id: "c".into(),
+            client_secret: SecretSource::Value("s".into()),
+            scopes: vec![],
+            audience: None,
+            client_auth: ClientAuth::Basic,
+            extra: BTreeMap::new(),
+            refresh_before_seconds: None,
+        }
     }
 
     #[test]
