@@ -23,6 +23,8 @@ use tokio::net::TcpListener;
 
 pub mod github;
 pub mod oauth;
+pub mod oidc;
+pub mod oidc_proxy;
 
 /// A proxy running in this process.
 pub struct TestProxy {
