@@ -27,7 +27,7 @@ use super::request::{self, Origin};
 use super::state::{ConnCtx, Snapshot};
 use crate::body::Body;
 use crate::error::ProxyError;
-use crate::identity::{Identity, Presented};
+use crate::identity::{AuthFailure, Identity, Presented};
 use crate::telemetry::{Kind, Record};
 
 /// Serves one request from the proxy listener.
@@ -98,7 +98,13 @@ async fn identify(
     let identified = match snap.clients.identify(proxy_authorization, conn.peer.ip()) {
         Ok(Presented::Identified(identity)) => Ok(identity),
         Ok(Presented::Oidc(pending)) => oidc::authenticate(conn, snap, &pending).await,
-        Err(failure) => Err(failure),
+        Err(failure) => {
+            // A token refused before any key was needed (malformed, an unconfigured issuer).
+            if let AuthFailure::Oidc { issuer, failure } = &failure {
+                oidc::count(conn, issuer, failure.label());
+            }
+            Err(failure)
+        }
     };
     match identified {
         Ok(identity) => {

@@ -200,13 +200,18 @@ pub async fn authenticate(
         Err(AuthFailure::Oidc { issuer, failure }) => (&**issuer, failure.label()),
         Err(_) => (&*pending.issuer, "malformed"),
     };
+    count(conn, issuer, label);
+    result
+}
+
+/// Counts one verification in `portcullis_oidc_verifications_total`.
+pub fn count(conn: &ConnCtx, issuer: &str, result: &str) {
     conn.state
         .telemetry
         .metrics
         .oidc_verifications
-        .with_label_values(&[issuer, label])
+        .with_label_values(&[issuer, result])
         .inc();
-    result
 }
 
 async fn verify(
