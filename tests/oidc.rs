@@ -14,6 +14,7 @@ mod common;
 use common::oidc::*;
 use common::oidc_proxy::*;
 use common::*;
+use jsonwebtoken::Algorithm;
 use serde_json::{json, Value};
 
 /// Smoke: the issuer serves discovery and a swappable JWKS over TLS, counting fetches, and the
@@ -386,22 +387,42 @@ async fn each_invalid_token_gets_407_naming_why_and_is_counted() {
     }
     // Keys are only fetched for configured issuers, never for the `iss` a token names.
     assert_eq!(s.rogue.discovery_fetches() + s.rogue.jwks_fetches(), 0);
-    // Algorithms the key does not allow: RS384 with the RS256 key, and an RSA signature whose
-    // header names the EC key. Refused too.
-    for token in [
-        s.rsa
-            .sign_as(jsonwebtoken::Algorithm::RS384, &s.rsa.kid, &c),
-        s.rsa.sign_as(jsonwebtoken::Algorithm::RS256, &s.ec.kid, &c),
+    // Also refused: algorithms the key does not allow (RS384 with the RS256 key; an RSA signature
+    // whose header names the EC key) and a token without `exp`.
+    let no_exp = with(&|c| {
+        c.as_object_mut().unwrap().remove("exp");
+    });
+    for (token, what) in [
+        (s.rsa.sign_as(Algorithm::RS384, &s.rsa.kid, &c), "RS384"),
+        (s.rsa.sign_as(Algorithm::RS256, &s.ec.kid, &c), "RSA as EC"),
+        (s.rsa.sign(&no_exp), "no exp"),
     ] {
         let r = s.get(&token, "main-only.test", "/x").await;
-        assert_eq!(r.status(), 407, "{}", proxy_status(&r));
+        assert_eq!(r.status(), 407, "{what}: {}", proxy_status(&r));
     }
-    // The proxy keeps serving valid tokens, RSA and EC.
-    for key in [&s.rsa, &s.ec] {
-        let r = s.get(&key.sign(&c), "main-only.test", "/after").await;
-        assert_eq!(r.status(), 200, "{}", proxy_status(&r));
+    // The proxy keeps serving valid tokens: RSA and EC, an `aud` array holding the audience, and
+    // `exp` and `nbf` off by 30 s (within the 60 s leeway).
+    for (token, what) in [
+        (s.rsa.sign(&c), "RSA"),
+        (s.ec.sign(&c), "EC"),
+        (
+            s.rsa
+                .sign(&with(&|c| c["aud"] = json!(["other", AUDIENCE]))),
+            "aud array",
+        ),
+        (
+            s.ec.sign(&with(&|c| c["exp"] = json!(now() - 30))),
+            "exp leeway",
+        ),
+        (
+            s.rsa.sign(&with(&|c| c["nbf"] = json!(now() + 30))),
+            "nbf leeway",
+        ),
+    ] {
+        let r = s.get(&token, "main-only.test", "/after").await;
+        assert_eq!(r.status(), 200, "{what}: {}", proxy_status(&r));
     }
-    let events = s.proxy.audit_events(15).await;
+    let events = s.proxy.audit_events(19).await;
     for e in &events {
         let text = e.to_string();
         for (token, _, _) in &cases {

@@ -10,7 +10,8 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v git >/dev/null 2>&1 || need+=(git)
 # The python3 on PATH is the one the tests run; Debian's package provides requests for its own.
 python3 -c "import requests" >/dev/null 2>&1 || need+=(python3 python3-requests)
-# PyJWT (with cryptography for RS256) verifies GitHub App JWTs in tests/github_app.rs.
+# PyJWT (with cryptography for RS256) verifies GitHub App JWTs in tests/github_app.rs and judges
+# the OIDC test issuer and tokens in tests/oidc.rs (RS256, ES256, EdDSA).
 python3 -c "import jwt, cryptography" >/dev/null 2>&1 || need+=(python3-jwt python3-cryptography)
 # boto3 (with botocore's signer) drives S3 and verifies SigV4 signatures in tests/sigv4.rs.
 python3 -c "import boto3" >/dev/null 2>&1 || need+=(python3-boto3)
