@@ -42,6 +42,8 @@ pub struct Listen {
     pub proxy: SocketAddr,
     /// Admin listener.
     pub admin: SocketAddr,
+    /// Transparent listener (spec §11), when enabled.
+    pub transparent: Option<SocketAddr>,
 }
 
 /// Limits, with units applied.

@@ -47,6 +47,9 @@ pub struct RawListen {
     pub proxy: SocketAddr,
     /// Admin listener (/metrics /healthz /readyz /ca.pem).
     pub admin: SocketAddr,
+    /// Listener for connections redirected to the proxy by iptables/nftables `REDIRECT`
+    /// (transparent mode, spec §11). Off by default.
+    pub transparent: Option<SocketAddr>,
 }
 
 impl Default for RawListen {
@@ -55,6 +58,7 @@ impl Default for RawListen {
         Self {
             proxy: SocketAddr::from(([127, 0, 0, 1], 3128)),
             admin: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            transparent: None,
         }
     }
 }

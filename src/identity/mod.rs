@@ -68,7 +68,7 @@ impl std::fmt::Debug for Clients {
 }
 
 /// Who a request is, and the policy mode that applies to it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Identity {
     /// Client name (`anonymous` without clients); shared, so identifying allocates nothing.
     pub name: Arc<str>,
@@ -78,6 +78,30 @@ pub struct Identity {
     pub subject: Option<Arc<str>>,
     /// An OIDC client's verified claims (claim templates render from them).
     pub claims: Option<Arc<Claims>>,
+    /// An OIDC client's token, to be masked wherever else the client sends it (a header, a
+    /// query): the audit and the masker never saw it otherwise.
+    pub token: Option<Arc<crate::credentials::Echoes>>,
+}
+
+impl PartialEq for Identity {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+            && self.mode == other.mode
+            && self.subject == other.subject
+            && self.claims == other.claims
+    }
+}
+
+impl Eq for Identity {}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("name", &self.name)
+            .field("mode", &self.mode)
+            .field("subject", &self.subject)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a request presented: an identity settled now, or an OIDC token to verify with its
@@ -189,6 +213,7 @@ impl Clients {
             mode: k.mode.unwrap_or(self.default_mode),
             subject: None,
             claims: None,
+            token: None,
         }
     }
 
@@ -266,6 +291,7 @@ impl Clients {
         let identity = Identity {
             subject: oidc::subject(&claims),
             claims: Some(Arc::new(claims)),
+            token: crate::credentials::Echoes::new(&[pending.token.as_bytes()]).map(Arc::new),
             ..self.identity(k)
         };
         self.verified.insert(
@@ -297,6 +323,7 @@ impl Clients {
                 mode: self.default_mode,
                 subject: None,
                 claims: None,
+                token: None,
             }));
         }
         let identified = |k: &Known| Presented::Identified(self.identity(k));
@@ -425,6 +452,7 @@ mod tests {
                 mode: Mode::Enforce,
                 subject: None,
                 claims: None,
+                token: None,
             }
         );
         let rel = known(&c, Some(&basic("release:rel-token")), OUTSIDE).unwrap();

@@ -108,8 +108,11 @@ async fn identify(
     };
     match identified {
         Ok(identity) => {
-            record.event.client = identity.name.clone();
-            record.event.subject = identity.subject.clone();
+            record.identified(
+                &identity.name,
+                identity.subject.as_ref(),
+                identity.token.as_ref(),
+            );
             Ok(identity)
         }
         Err(failure) => {

@@ -48,6 +48,11 @@ impl Tunnel {
             self.conn.peer,
             req.method(),
         );
+        record.identified(
+            &self.identity.name,
+            self.identity.subject.as_ref(),
+            self.identity.token.as_ref(),
+        );
         let origin = Origin::Tunnel(&self.target);
         let version = req.version();
         let result =

@@ -73,6 +73,8 @@ pub struct ProxyHandle {
     pub proxy_addr: SocketAddr,
     /// Where the admin listener is bound.
     pub admin_addr: SocketAddr,
+    /// Where the transparent listener is bound, when enabled (spec §11).
+    pub transparent_addr: Option<SocketAddr>,
     state: Arc<State>,
     reloader: Arc<Reloader>,
     shutdown: CancellationToken,
@@ -181,6 +183,7 @@ pub async fn start(config: Config) -> Result<ProxyHandle, ServerError> {
     Ok(ProxyHandle {
         proxy_addr,
         admin_addr,
+        transparent_addr: None,
         state,
         reloader,
         shutdown,

@@ -344,7 +344,7 @@ async fn apply_credential<'s>(
             .token(&snap.upstreams, &conn.state.telemetry.metrics)
             .await?;
         if let Some(echoes) = &token.credential.echoes {
-            record.minted_secret(echoes.clone());
+            record.runtime_secret(echoes.clone());
         }
         inject(&mut parts.headers, &token.credential);
         Injected::Minted(token)

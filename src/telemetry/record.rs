@@ -32,8 +32,9 @@ pub struct Record {
     /// The metric label of the rule (`none` until one matches).
     pub rule_label: Arc<str>,
     masker: Arc<Masker>,
-    /// A minted token injected into this request: scrubbed from the event as well.
-    minted: Option<Arc<Echoes>>,
+    /// Secrets no snapshot's masker knows (a minted token injected into this request, the
+    /// client's own OIDC token): scrubbed from the event as well.
+    runtime_secrets: Vec<Arc<Echoes>>,
 }
 
 impl Record {
@@ -77,7 +78,7 @@ impl Record {
             request_body: Arc::new(BodyProgress::default()),
             rule_label: Arc::from("none"),
             masker,
-            minted: None,
+            runtime_secrets: Vec::new(),
         }
     }
 
@@ -101,9 +102,25 @@ impl Record {
         self.rule_label = rule.name.clone();
     }
 
-    /// A minted token was injected: its value is scrubbed from the event too.
-    pub fn minted_secret(&mut self, echoes: Arc<Echoes>) {
-        self.minted = Some(echoes);
+    /// A secret only known at runtime (a minted token that was injected, the client's OIDC
+    /// token): its value is scrubbed from the event too.
+    pub fn runtime_secret(&mut self, echoes: Arc<Echoes>) {
+        self.runtime_secrets.push(echoes);
+    }
+
+    /// The client this request identified as: its name, an OIDC token's subject, and the token
+    /// itself, which must not appear in the event wherever else the client sent it.
+    pub fn identified(
+        &mut self,
+        client: &Arc<str>,
+        subject: Option<&Arc<str>>,
+        token: Option<&Arc<Echoes>>,
+    ) {
+        self.event.client = client.clone();
+        self.event.subject = subject.cloned();
+        if let Some(token) = token {
+            self.runtime_secret(token.clone());
+        }
     }
 
     /// Records the request headers as sent upstream (masked when written).
@@ -184,7 +201,7 @@ impl Record {
         }
         telemetry
             .audit
-            .emit_scrubbed(self.event, &self.masker, self.minted);
+            .emit_scrubbed(self.event, &self.masker, self.runtime_secrets);
     }
 
     /// Ends a tunnel record with its byte counts and how it ended.

@@ -21,7 +21,7 @@ use crate::telemetry::mask::{Masker, HIDDEN};
 const QUEUE_EVENTS: usize = 65_536;
 
 enum Message {
-    Event(Box<Event>, Arc<Masker>, Option<Arc<Echoes>>),
+    Event(Box<Event>, Arc<Masker>, Vec<Arc<Echoes>>),
     Reopen(AuditOutput),
     Shutdown,
 }
@@ -101,15 +101,15 @@ impl AuditSink {
     /// Queues an event; never blocks. A full queue drops it, counts it and says so in the log
     /// (at most once every ten seconds).
     pub fn emit(&self, event: Event, masker: &Arc<Masker>) {
-        self.emit_scrubbed(event, masker, None);
+        self.emit_scrubbed(event, masker, Vec::new());
     }
 
-    /// Queues `event`, with `minted` (a minted token's echoes, which no snapshot's masker knows)
-    /// scrubbed from its line as well.
-    pub fn emit_scrubbed(&self, event: Event, masker: &Arc<Masker>, minted: Option<Arc<Echoes>>) {
+    /// Queues `event`, with `runtime` (secrets no snapshot's masker knows: minted tokens, a
+    /// client's OIDC token) scrubbed from its line as well.
+    pub fn emit_scrubbed(&self, event: Event, masker: &Arc<Masker>, runtime: Vec<Arc<Echoes>>) {
         match self
             .tx
-            .try_send(Message::Event(Box::new(event), masker.clone(), minted))
+            .try_send(Message::Event(Box::new(event), masker.clone(), runtime))
         {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
@@ -177,7 +177,7 @@ fn write_loop(mut out: Output, rx: Receiver<Message>) {
         // Take whatever else is queued, then flush once.
         while let Some(message) = next {
             match message {
-                Message::Event(event, masker, minted) => {
+                Message::Event(event, masker, runtime) => {
                     // One buffer for every line: serialize, scrub, write.
                     let mut bytes = std::mem::take(&mut line).into_bytes();
                     bytes.clear();
@@ -193,8 +193,10 @@ fn write_loop(mut out: Output, rx: Receiver<Message>) {
                     .and_then(|text| {
                         line = text;
                         masker.scrub(&mut line);
-                        if let Some(scrubbed) = minted.and_then(|m| m.replace_all(&line, HIDDEN)) {
-                            line = scrubbed;
+                        for secret in &runtime {
+                            if let Some(scrubbed) = secret.replace_all(&line, HIDDEN) {
+                                line = scrubbed;
+                            }
                         }
                         line.push('\n');
                         out.write_all(line.as_bytes())

@@ -31,6 +31,8 @@ pub struct TestProxy {
     pub handle: ProxyHandle,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// The transparent listener (`listen.transparent`), when configured.
+    pub transparent: Option<SocketAddr>,
     pub dir: tempfile::TempDir,
 }
 
@@ -204,6 +206,7 @@ pub async fn start_proxy_in(dir: tempfile::TempDir, body: &str) -> TestProxy {
     TestProxy {
         addr: handle.proxy_addr,
         admin: handle.admin_addr,
+        transparent: handle.transparent_addr,
         handle,
         dir,
     }

@@ -38,10 +38,19 @@ pub(super) fn listen_and_limits(
     if listen.proxy == listen.admin && listen.proxy.port() != 0 {
         p.add("listen.admin", "must differ from listen.proxy");
     }
+    if let Some(transparent) = listen.transparent {
+        if transparent.port() != 0 && (transparent == listen.proxy || transparent == listen.admin) {
+            p.add(
+                "listen.transparent",
+                "must differ from listen.proxy and listen.admin",
+            );
+        }
+    }
     (
         Listen {
             proxy: listen.proxy,
             admin: listen.admin,
+            transparent: listen.transparent,
         },
         Limits {
             max_connections: l.max_connections,
