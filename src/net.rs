@@ -247,6 +247,15 @@ impl Own {
         &self.listeners
     }
 
+    /// Whether `addr` is one of the proxy's own listeners (by bound address, or any local address
+    /// for a listener bound to every address).
+    pub fn is_listener(&self, addr: SocketAddr) -> bool {
+        let ip = canonical(addr.ip());
+        self.listeners
+            .iter()
+            .any(|l| is_same_listener(*l, ip, addr.port()))
+    }
+
     /// Whether an accepted connection (from `peer`, to `local`) is one the proxy opened itself: a
     /// loop through one of its own listeners, which must never be taken for a client. The whole
     /// address pair is compared: the kernel reuses an ephemeral port for connections to other

@@ -217,6 +217,28 @@ impl Clients {
         }
     }
 
+    /// A connection identified by its source address alone (transparent mode, spec §11): the
+    /// client whose `networks` hold it, else `anonymous`.
+    pub fn by_network(&self, source: IpAddr) -> Identity {
+        let source = match source {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(source, IpAddr::V4),
+            v4 => v4,
+        };
+        self.known
+            .iter()
+            .find(|k| k.networks.iter().any(|n| n.contains(&source)))
+            .map_or_else(
+                || Identity {
+                    name: self.anonymous.clone(),
+                    mode: self.default_mode,
+                    subject: None,
+                    claims: None,
+                    token: None,
+                },
+                |k| self.identity(k),
+            )
+    }
+
     /// Reads an OIDC token: remembered (identified now), or pending verification — or refused
     /// when it is malformed or names an issuer no client has.
     fn present_oidc(&self, raw: &str) -> Result<Presented, AuthFailure> {

@@ -51,6 +51,20 @@ pub async fn open(
     let port = authority.port_u16().ok_or_else(bad)?;
     let host = Host::parse(authority.host())
         .ok_or_else(|| ProxyError::BadRequest(format!("invalid host {:?}", authority.host())))?;
+    open_target(conn, snap, identity, host, port, record).await
+}
+
+/// The CONNECT path for `host:port`, however the target was named (a CONNECT request, or a
+/// redirected connection's SNI and original port in transparent mode): policy, then dial
+/// (tunnel) or judge the addresses and prepare the leaf (intercept).
+pub async fn open_target(
+    conn: &ConnCtx,
+    snap: &Snapshot,
+    identity: &Identity,
+    host: Host,
+    port: u16,
+    record: &mut Record,
+) -> Result<Opened, ProxyError> {
     let facts = RequestFacts {
         host: &host,
         port,
@@ -105,57 +119,71 @@ pub fn start(
     let limits = snap.config.limits.clone();
     let state = conn.state.clone();
     state.tasks.spawn(async move {
-        let telemetry = conn.state.telemetry.clone();
-        let stop = conn.state.hard_stop.clone();
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
+        match on_upgrade.await {
+            Ok(upgraded) => run(conn, identity, opened, TokioIo::new(upgraded), limits, record).await,
             Err(e) => {
                 let error = Some(format!("CONNECT upgrade failed: {e}"));
-                record.finish_tunnel(&telemetry, 0, 0, error);
-                return;
+                record.finish_tunnel(&conn.state.telemetry, 0, 0, error);
             }
-        };
-        let _active = Gauged::new(&telemetry.metrics.active_tunnels);
-        // Counted on the client side and owned here, so a tunnel cut at shutdown still reports
-        // what it moved: read = client → upstream, written = upstream → client.
-        let counter = Arc::new(IoCounter::default());
-        let client = CountingIo::new(TokioIo::new(upgraded), counter.clone());
-        let work = async {
-            match opened {
-                Opened::Intercept(target, tls) => {
-                    intercept::serve(conn.clone(), identity, target, client, tls).await
-                }
-                Opened::Tunnel(target, dialed) => {
-                    let idle = limits.idle_timeout;
-                    let hello = limits.header_read_timeout;
-                    // Marks the socket as the proxy's own for as long as the relay runs.
-                    let _opened = dialed.opened;
-                    let upstream = dialed.stream;
-                    let end = tunnel::relay(client, upstream, &target.host, idle, hello).await;
-                    tracing::debug!(
-                        peer = %conn.peer,
-                        host = %target.host,
-                        port = target.port,
-                        up = counter.read(),
-                        down = counter.written(),
-                        end = end.as_str(),
-                        "tunnel closed"
-                    );
-                    (end != TunnelEnd::Closed).then(|| end.as_str().to_owned())
-                }
-            }
-        };
-        // The hard stop first: at the end of the grace period the work may finish in the same
-        // instant (an intercepted connection returns when it is cut), and it was still cut.
-        let error = tokio::select! {
-            biased;
-            () = stop.cancelled() => Some(TunnelEnd::Shutdown.as_str().to_owned()),
-            error = work => error,
-        };
-        let (up, down) = (counter.read(), counter.written());
-        record.finish_tunnel(&telemetry, up, down, error);
+        }
     });
     let mut response = Response::new(body::empty());
     *response.status_mut() = StatusCode::OK;
     response
+}
+
+/// Runs an opened tunnel over the client's connection `client` (a CONNECT's upgraded
+/// connection, or a redirected socket in transparent mode) until it ends — or the shutdown grace
+/// period does — then writes its record with the bytes it moved.
+pub async fn run<C>(
+    conn: ConnCtx,
+    identity: Identity,
+    opened: Opened,
+    client: C,
+    limits: crate::config::Limits,
+    record: Record,
+) where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let telemetry = conn.state.telemetry.clone();
+    let stop = conn.state.hard_stop.clone();
+    let _active = Gauged::new(&telemetry.metrics.active_tunnels);
+    // Counted on the client side and owned here, so a tunnel cut at shutdown still reports
+    // what it moved: read = client → upstream, written = upstream → client.
+    let counter = Arc::new(IoCounter::default());
+    let client = CountingIo::new(client, counter.clone());
+    let work = async {
+        match opened {
+            Opened::Intercept(target, tls) => {
+                intercept::serve(conn.clone(), identity, target, client, tls).await
+            }
+            Opened::Tunnel(target, dialed) => {
+                let idle = limits.idle_timeout;
+                let hello = limits.header_read_timeout;
+                // Marks the socket as the proxy's own for as long as the relay runs.
+                let _opened = dialed.opened;
+                let upstream = dialed.stream;
+                let end = tunnel::relay(client, upstream, &target.host, idle, hello).await;
+                tracing::debug!(
+                    peer = %conn.peer,
+                    host = %target.host,
+                    port = target.port,
+                    up = counter.read(),
+                    down = counter.written(),
+                    end = end.as_str(),
+                    "tunnel closed"
+                );
+                (end != TunnelEnd::Closed).then(|| end.as_str().to_owned())
+            }
+        }
+    };
+    // The hard stop first: at the end of the grace period the work may finish in the same
+    // instant (an intercepted connection returns when it is cut), and it was still cut.
+    let error = tokio::select! {
+        biased;
+        () = stop.cancelled() => Some(TunnelEnd::Shutdown.as_str().to_owned()),
+        error = work => error,
+    };
+    let (up, down) = (counter.read(), counter.written());
+    record.finish_tunnel(&telemetry, up, down, error);
 }

@@ -19,8 +19,14 @@ use super::state::{ConnCtx, State};
 use crate::error::{raw_refusal, ProxyError};
 use crate::telemetry::Gauged;
 
-/// Accepts client connections until the future is dropped (when shutdown begins).
-pub async fn accept_loop(state: &Arc<State>, listener: &TcpListener) {
+/// Accepts client connections until the future is dropped (when shutdown begins), each served
+/// by `serve` (the proxy listener's HTTP/1.1, or transparent mode's redirected connections)
+/// once it has a connection slot.
+pub async fn accept_loop<F, Fut>(state: &Arc<State>, listener: &TcpListener, serve: F)
+where
+    F: Fn(ConnCtx, TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -51,8 +57,9 @@ pub async fn accept_loop(state: &Arc<State>, listener: &TcpListener) {
         let _ = stream.set_nodelay(true);
         let active = Gauged::new(&state.telemetry.metrics.active_connections);
         let conn = ConnCtx::new(state.clone(), peer, slot);
+        let served = serve(conn, stream);
         state.tasks.spawn(async move {
-            serve_connection(conn, stream).await;
+            served.await;
             drop(active);
         });
     }
@@ -78,7 +85,8 @@ async fn refuse(mut stream: TcpStream, err: ProxyError) {
     .await;
 }
 
-async fn serve_connection(conn: ConnCtx, stream: TcpStream) {
+/// Serves one connection to the proxy listener.
+pub async fn serve_connection(conn: ConnCtx, stream: TcpStream) {
     let state = conn.state.clone();
     let limits = state.snapshot().config.limits.clone();
     let service = service_fn(move |req: Request<Incoming>| {

@@ -21,6 +21,7 @@ mod outcome;
 pub mod reload;
 mod request;
 pub mod state;
+mod transparent;
 mod tunnel;
 pub mod upstream;
 
@@ -128,6 +129,18 @@ pub async fn start(config: Config) -> Result<ProxyHandle, ServerError> {
             addr: config.listen.admin,
             source,
         })?;
+    let transparent_listener = match config.listen.transparent {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let transparent_addr = match (&transparent_listener, config.listen.transparent) {
+        (Some(listener), Some(addr)) => Some(
+            listener
+                .local_addr()
+                .map_err(|source| ServerError::Bind { addr, source })?,
+        ),
+        _ => None,
+    };
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
@@ -140,7 +153,12 @@ pub async fn start(config: Config) -> Result<ProxyHandle, ServerError> {
             "generated a new interception CA: clients must trust this certificate"
         );
     }
-    let own = Own::new(vec![proxy_addr, admin_addr]);
+    let own = Own::new(
+        [proxy_addr, admin_addr]
+            .into_iter()
+            .chain(transparent_addr)
+            .collect(),
+    );
     let max_connections = config.limits.max_connections;
     let grace = config.limits.shutdown_grace;
     let metrics = Metrics::new()?;
@@ -166,7 +184,12 @@ pub async fn start(config: Config) -> Result<ProxyHandle, ServerError> {
         draining: state.drain.clone(),
     };
     let reloader = Arc::new(Reloader::new(state.clone()));
-    tracing::info!(%proxy_addr, %admin_addr, "portcullis listening");
+    match transparent_addr {
+        Some(transparent_addr) => {
+            tracing::info!(%proxy_addr, %admin_addr, %transparent_addr, "portcullis listening")
+        }
+        None => tracing::info!(%proxy_addr, %admin_addr, "portcullis listening"),
+    }
 
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(supervise(
@@ -175,6 +198,7 @@ pub async fn start(config: Config) -> Result<ProxyHandle, ServerError> {
         Listeners {
             proxy: proxy_listener,
             admin: admin_listener,
+            transparent: transparent_listener,
             admin_view: admin,
         },
         shutdown.clone(),
@@ -183,7 +207,7 @@ pub async fn start(config: Config) -> Result<ProxyHandle, ServerError> {
     Ok(ProxyHandle {
         proxy_addr,
         admin_addr,
-        transparent_addr: None,
+        transparent_addr,
         state,
         reloader,
         shutdown,
@@ -250,6 +274,7 @@ async fn wait_for_stop_signal() {
 struct Listeners {
     proxy: TcpListener,
     admin: TcpListener,
+    transparent: Option<TcpListener>,
     admin_view: Admin,
 }
 
@@ -263,17 +288,26 @@ async fn supervise(
     let Listeners {
         proxy,
         admin,
+        transparent,
         admin_view,
     } = listeners;
     let admin_task = tokio::spawn(admin::serve(admin_view, admin, state.hard_stop.clone()));
     let watcher = tokio::spawn(reloader.watch());
+    let redirected = async {
+        match &transparent {
+            Some(l) => listener::accept_loop(&state, l, transparent::serve).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
-        () = listener::accept_loop(&state, &proxy) => {}
+        () = listener::accept_loop(&state, &proxy, listener::serve_connection) => {}
+        () = redirected => {}
         () = shutdown.cancelled() => {}
     }
-    // Stop accepting (the listener closes), report not-ready, and ask every connection to
+    // Stop accepting (the listeners close), report not-ready, and ask every connection to
     // finish its current request.
     drop(proxy);
+    drop(transparent);
     state.drain.cancel();
     state.tasks.close();
     let open = state.tasks.len();

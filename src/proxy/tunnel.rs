@@ -182,11 +182,46 @@ async fn inspect_first_bytes<R: AsyncRead + Unpin>(
 }
 
 /// The TLS record type of handshake messages (the ClientHello).
-const TLS_HANDSHAKE: u8 = 0x16;
+pub const TLS_HANDSHAKE: u8 = 0x16;
+
+/// What the first bytes of a connection say about its ClientHello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hello {
+    /// More bytes are needed.
+    Incomplete,
+    /// A whole ClientHello, and its SNI if it has one.
+    Complete(Option<String>),
+    /// Not a valid ClientHello (or larger than any sane one).
+    Invalid,
+}
+
+/// Reads a ClientHello from the start of `bytes` (which are left for the TLS server to read
+/// again: transparent mode peeks them).
+pub fn client_hello(bytes: &[u8]) -> Hello {
+    if bytes.first() != Some(&TLS_HANDSHAKE) {
+        return Hello::Invalid;
+    }
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut unread = bytes;
+    while !unread.is_empty() {
+        match acceptor.read_tls(&mut unread) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(_) => return Hello::Invalid,
+        }
+    }
+    match acceptor.accept() {
+        Ok(Some(accepted)) => {
+            Hello::Complete(accepted.client_hello().server_name().map(str::to_owned))
+        }
+        Ok(None) if bytes.len() < MAX_CLIENT_HELLO_BYTES => Hello::Incomplete,
+        _ => Hello::Invalid,
+    }
+}
 
 /// Whether bytes start like a TLS record: a content type (change_cipher_spec 20, alert 21,
 /// handshake 22, application_data 23, heartbeat 24) followed by a 3.x record version.
-fn looks_like_tls(bytes: &[u8]) -> bool {
+pub fn looks_like_tls(bytes: &[u8]) -> bool {
     matches!(bytes.first(), Some(0x14..=0x18)) && bytes.get(1).is_none_or(|v| *v == 0x03)
 }
 

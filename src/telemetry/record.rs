@@ -65,6 +65,7 @@ impl Record {
                 rule: None,
                 credential: None,
                 intercepted: false,
+                transparent: false,
                 status: None,
                 bytes_sent: 0,
                 bytes_received: 0,
