@@ -15,6 +15,9 @@ python3 -c "import requests" >/dev/null 2>&1 || need+=(python3 python3-requests)
 python3 -c "import jwt, cryptography" >/dev/null 2>&1 || need+=(python3-jwt python3-cryptography)
 # boto3 (with botocore's signer) drives S3 and verifies SigV4 signatures in tests/sigv4.rs.
 python3 -c "import boto3" >/dev/null 2>&1 || need+=(python3-boto3)
+# nftables redirects a test user's connections to the transparent listener (tests/transparent.rs,
+# inside its own network namespace, when run as root).
+command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || need+=(nftables)
 # `ip` lives in /sbin or /usr/sbin, which a non-root PATH may lack.
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || need+=(iproute2)
 want_promtool=0

@@ -120,7 +120,17 @@ pub fn start(
     let state = conn.state.clone();
     state.tasks.spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => run(conn, identity, opened, TokioIo::new(upgraded), limits, record).await,
+            Ok(upgraded) => {
+                run(
+                    conn,
+                    identity,
+                    opened,
+                    TokioIo::new(upgraded),
+                    limits,
+                    record,
+                )
+                .await
+            }
             Err(e) => {
                 let error = Some(format!("CONNECT upgrade failed: {e}"));
                 record.finish_tunnel(&conn.state.telemetry, 0, 0, error);

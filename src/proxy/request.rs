@@ -63,6 +63,8 @@ pub struct TunnelTarget {
     pub port: u16,
     /// `host:port` (IPv6 bracketed), the authority of every inner request's upstream URI.
     authority: Authority,
+    /// The tunnel is a redirected connection (transparent mode): so are its inner requests.
+    pub transparent: bool,
 }
 
 impl TunnelTarget {
@@ -78,6 +80,7 @@ impl TunnelTarget {
             host,
             port,
             authority,
+            transparent: false,
         })
     }
 
@@ -212,6 +215,7 @@ fn admit<'a, 's>(
 ) -> Result<Admitted<'a, 's>, ProxyError> {
     if let Origin::Tunnel(tunnel) = origin {
         record.event.intercepted = true;
+        record.event.transparent = tunnel.transparent;
         record.target(
             Some("https"),
             &tunnel.host.to_string(),

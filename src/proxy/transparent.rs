@@ -158,7 +158,10 @@ async fn serve_tls(conn: ConnCtx, stream: TcpStream, original: SocketAddr, sni: 
     record.target(None, &host.to_string(), original.port(), None);
     let opened = connect::open_target(&conn, &snap, &identity, host, original.port(), &mut record);
     match opened.await {
-        Ok(opened) => {
+        Ok(mut opened) => {
+            if let connect::Opened::Intercept(target, _) = &mut opened {
+                target.transparent = true;
+            }
             record.event.status = Some(200);
             let limits = snap.config.limits.clone();
             drop(snap);
@@ -219,7 +222,12 @@ async fn serve_request(
     record.event.transparent = true;
     let target = absolute(&req, original);
     if let Ok(uri) = &target {
-        record.target(Some("http"), uri.host().unwrap_or_default(), original.port(), Some(uri));
+        record.target(
+            Some("http"),
+            uri.host().unwrap_or_default(),
+            original.port(),
+            Some(uri),
+        );
     }
     let result = match target {
         Ok(uri) => {
