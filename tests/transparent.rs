@@ -23,6 +23,9 @@ const DONE: &str = "transparent checks passed";
 /// The user whose connections are redirected (nobody).
 const TEST_UID: &str = "65534";
 const SECRET: &str = "transparent-canary-token";
+const SCRIPT_ENV: &str = "PORTCULLIS_REDIRECT_SCRIPT_NETNS";
+const SCRIPT_TEST: &str =
+    "the_sidecar_redirect_script_holds_the_namespace_to_the_transparent_listener";
 
 #[tokio::test]
 async fn redirected_clients_are_held_to_the_allow_list_in_a_network_namespace() {
@@ -31,6 +34,24 @@ async fn redirected_clients_are_held_to_the_allow_list_in_a_network_namespace() 
         println!("{DONE}");
         return;
     }
+    in_namespace(NETNS_TEST, NETNS_ENV).await;
+}
+
+/// deploy/redirect.sh (the sidecar's init container) in a namespace with a routed address:
+/// the test user's IPv4 and IPv6 connections reach the transparent listener, loopback and the
+/// proxy's own UID are left alone.
+#[tokio::test]
+async fn the_sidecar_redirect_script_holds_the_namespace_to_the_transparent_listener() {
+    if std::env::var_os(SCRIPT_ENV).is_some() {
+        inside_with_script().await;
+        println!("{DONE}");
+        return;
+    }
+    in_namespace(SCRIPT_TEST, SCRIPT_ENV).await;
+}
+
+/// Runs test `name` again in a network namespace of its own (with `env` set), or says why not.
+async fn in_namespace(name: &str, env: &str) {
     if let Some(why) = unavailable() {
         eprintln!("skipped: {why}");
         return;
@@ -39,8 +60,8 @@ async fn redirected_clients_are_held_to_the_allow_list_in_a_network_namespace() 
     let child = tokio::process::Command::new("unshare")
         .args(["-n", "--"])
         .arg(&exe)
-        .args(["--exact", NETNS_TEST, "--nocapture", "--test-threads=1"])
-        .env(NETNS_ENV, "1")
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(env, "1")
         .kill_on_drop(true)
         .output();
     let out = tokio::time::timeout(Duration::from_secs(90), child)
@@ -53,6 +74,109 @@ async fn redirected_clients_are_held_to_the_allow_list_in_a_network_namespace() 
         out.status.success() && stdout.contains(DONE) && stdout.contains("1 passed"),
         "namespaced run failed\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
     );
+}
+
+async fn inside_with_script() {
+    ip(&["link", "set", "lo", "up"]);
+    // A dummy link where the kernel has the module, else a veth pair.
+    if !try_run(ip_binary(), &["link", "add", "pod0", "type", "dummy"]) {
+        ip(&["link", "add", "pod0", "type", "veth", "peer", "name", "pod1"]);
+        ip(&["link", "set", "pod1", "up"]);
+    }
+    ip(&["addr", "add", "10.99.0.1/24", "dev", "pod0"]);
+    ip(&["addr", "add", "fd99::1/64", "dev", "pod0", "nodad"]);
+    ip(&["link", "set", "pod0", "up"]);
+    let v4 = http_upstream_on("10.99.0.1".parse().unwrap()).await;
+    let v6 = http_upstream_on("fd99::1".parse().unwrap()).await;
+    let config = format!(
+        r#"
+[listen]
+proxy = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+transparent = "[::]:0"
+[network]
+allow_cidrs = ["10.99.0.0/24", "fd99::/64"]
+resolve = {{ "v4.test" = ["10.99.0.1"], "v6.test" = ["fd99::1"] }}
+[[hosts]]
+host = "v4.test"
+ports = [{}]
+[[hosts]]
+host = "v6.test"
+ports = [{}]
+"#,
+        v4.port(),
+        v6.port()
+    );
+    let proxy = start_proxy(&config).await;
+    let listener = proxy.transparent.unwrap();
+    // The proxy runs as root here: uid 0 is the one left alone.
+    let script = format!("{}/deploy/redirect.sh", env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new("sh")
+        .arg(&script)
+        .env("PORTCULLIS_UID", "0")
+        .env("PORTCULLIS_TRANSPARENT_PORT", listener.port().to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // IPv4 and IPv6: through the proxy (its Via), audited as transparent.
+    let (code, _) = curl_as_user(&[
+        "--resolve",
+        &format!("v4.test:{}:10.99.0.1", v4.port()),
+        &format!("http://v4.test:{}/four", v4.port()),
+    ])
+    .await;
+    assert_eq!(code, 200);
+    assert!(
+        v4.last().header("via").is_some(),
+        "IPv4 went through the proxy"
+    );
+    let (code, _) = curl_as_user(&[
+        "--resolve",
+        &format!("v6.test:{}:[fd99::1]", v6.port()),
+        &format!("http://v6.test:{}/six", v6.port()),
+    ])
+    .await;
+    assert_eq!(code, 200);
+    assert!(
+        v6.last().header("via").is_some(),
+        "IPv6 went through the proxy"
+    );
+    // A host no rule allows, by address: refused.
+    let (code, _) = curl_as_user(&[&format!("http://10.99.0.1:{}/raw-ip", v4.port())]).await;
+    assert_eq!(code, 403);
+    // Loopback is left alone (the proxy's own listeners for cooperative clients).
+    let (code, _) = curl_as_user(&[&format!("http://{}/healthz", proxy.admin)]).await;
+    assert_eq!(code, 200);
+    // The proxy's UID goes out directly (async: the upstream runs on this test's runtime).
+    let direct = tokio::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "10"])
+        .arg(format!("http://10.99.0.1:{}/direct", v4.port()))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&direct.stdout), "200");
+    assert!(v4.last().header("via").is_none(), "uid 0 is not redirected");
+    let events = proxy.audit_events(3).await;
+    assert_eq!(events.len(), 3, "{events:#?}");
+    assert!(events.iter().all(|e| e["transparent"] == true));
+    // Running the script again replaces its table instead of stacking rules.
+    let again = std::process::Command::new("sh")
+        .arg(&script)
+        .env("PORTCULLIS_UID", "0")
+        .env("PORTCULLIS_TRANSPARENT_PORT", listener.port().to_string())
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    let rules = std::process::Command::new("nft")
+        .args(["list", "ruleset"])
+        .output()
+        .unwrap();
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert_eq!(rules.matches("redirect to").count(), 2, "{rules}");
 }
 
 /// Why the namespaced run cannot happen here, if it cannot.
@@ -106,12 +230,22 @@ fn run(program: &str, args: &[&str]) {
     );
 }
 
-fn ip(args: &[&str]) {
-    let binary = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
+fn ip_binary() -> &'static str {
+    ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
         .into_iter()
         .find(|p| Path::new(p).exists())
-        .unwrap_or("ip");
-    run(binary, args);
+        .unwrap_or("ip")
+}
+
+fn ip(args: &[&str]) {
+    run(ip_binary(), args);
+}
+
+fn try_run(program: &str, args: &[&str]) -> bool {
+    std::process::Command::new(program)
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// Redirects every TCP connection of the test user, except to the listener itself, to `port`.
