@@ -434,6 +434,79 @@ fn sidecar_pod_runs_portcullis_as_a_native_sidecar() {
     }
 }
 
+/// The sidecar enforces (spec §11): an init container loads deploy/redirect.sh with NET_ADMIN,
+/// for the sidecar's UID and the config's transparent port; nothing else in the pod has
+/// NET_ADMIN, so the build cannot undo it. (tests/transparent.rs runs the script itself.)
+#[test]
+fn sidecar_redirects_the_pod_to_the_transparent_listener() {
+    let docs = load_yaml(&deploy("kubernetes/sidecar.yaml"));
+    let spec = &one_of_kind(&docs, "Pod")["spec"];
+    let config = embedded_config(&docs);
+    let transparent = toml_value(&config, "transparent").expect("listen.transparent is set");
+    let port = transparent
+        .trim_matches('"')
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    let init = vec_of(&spec["initContainers"], "initContainers");
+    let sidecar_at = init
+        .iter()
+        .position(|c| c["name"].as_str() == Some("portcullis"))
+        .expect("the sidecar");
+    let redirect_at = init
+        .iter()
+        .position(|c| c["name"].as_str() == Some("portcullis-redirect"))
+        .expect("the redirect init container");
+    assert!(redirect_at > sidecar_at, "redirect after the proxy is up");
+    let redirect = &init[redirect_at];
+    let value = |name: &str| {
+        vec_of(&redirect["env"], "env")
+            .iter()
+            .find(|e| e["name"].as_str() == Some(name))
+            .and_then(|e| e["value"].as_str())
+            .map(str::to_owned)
+    };
+    let sidecar_uid = init[sidecar_at]["securityContext"]["runAsUser"]
+        .as_i64()
+        .or_else(|| spec["securityContext"]["runAsUser"].as_i64())
+        .expect("a fixed proxy UID");
+    assert_eq!(value("PORTCULLIS_UID"), Some(sidecar_uid.to_string()));
+    assert_eq!(value("PORTCULLIS_TRANSPARENT_PORT"), Some(port));
+    let command: Vec<&str> = vec_of(&redirect["command"], "command")
+        .iter()
+        .filter_map(|c| c.as_str())
+        .collect();
+    assert!(
+        command.iter().any(|c| c.ends_with("redirect.sh")),
+        "{command:?}"
+    );
+    let added = |c: &Yaml| -> Vec<String> {
+        c["securityContext"]["capabilities"]["add"]
+            .as_vec()
+            .map(|v| {
+                v.iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(added(redirect), ["NET_ADMIN"]);
+    for c in init
+        .iter()
+        .chain(vec_of(&spec["containers"], "containers").iter())
+    {
+        if c["name"].as_str() != Some("portcullis-redirect") {
+            assert!(added(c).is_empty(), "{:?} adds capabilities", c["name"]);
+        }
+    }
+    // The image target the init container uses ships the script.
+    let dockerfile = std::fs::read_to_string(deploy("Dockerfile")).unwrap();
+    assert!(dockerfile.contains("AS redirect"));
+    assert!(dockerfile.contains("COPY deploy/redirect.sh /usr/local/share/portcullis/redirect.sh"));
+    assert!(command.contains(&"/usr/local/share/portcullis/redirect.sh"));
+}
+
 #[test]
 fn sidecar_ca_key_stays_in_the_sidecar() {
     let docs = load_yaml(&deploy("kubernetes/sidecar.yaml"));

@@ -80,7 +80,9 @@ async fn inside_with_script() {
     ip(&["link", "set", "lo", "up"]);
     // A dummy link where the kernel has the module, else a veth pair.
     if !try_run(ip_binary(), &["link", "add", "pod0", "type", "dummy"]) {
-        ip(&["link", "add", "pod0", "type", "veth", "peer", "name", "pod1"]);
+        ip(&[
+            "link", "add", "pod0", "type", "veth", "peer", "name", "pod1",
+        ]);
         ip(&["link", "set", "pod1", "up"]);
     }
     ip(&["addr", "add", "10.99.0.1/24", "dev", "pod0"]);

@@ -16,10 +16,16 @@ impl Config {
         push(&mut out, format!("config: {} (valid)", self.origin));
         push(
             &mut out,
-            format!(
-                "listen: proxy {} admin {}",
-                self.listen.proxy, self.listen.admin
-            ),
+            match self.listen.transparent {
+                Some(t) => format!(
+                    "listen: proxy {} admin {} transparent {t}",
+                    self.listen.proxy, self.listen.admin
+                ),
+                None => format!(
+                    "listen: proxy {} admin {}",
+                    self.listen.proxy, self.listen.admin
+                ),
+            },
         );
         push(
             &mut out,
