@@ -396,6 +396,19 @@ credential = "api"
     .await;
     assert_eq!(code, 200);
     assert!(tls.last().uri.ends_with("/tunneled"), "{}", tls.last().uri);
+    // A lying SNI: the connection was headed for 127.0.0.3, where nothing listens; the proxy
+    // dials what tunnel.test resolves to, so the client reaches the host it named and nothing
+    // else.
+    let (code, _) = curl_as_user(&[
+        "--cacert",
+        upstream_ca,
+        "--resolve",
+        &resolve("tunnel.test", t, "127.0.0.3"),
+        &format!("https://tunnel.test:{t}/named-host"),
+    ])
+    .await;
+    assert_eq!(code, 200);
+    assert!(tls.last().uri.ends_with("/named-host"));
     // An intercepted rule: the proxy's certificate, the credential injected.
     let (code, _) = curl_as_user(&[
         "--cacert",
