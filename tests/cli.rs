@@ -275,3 +275,54 @@ fn ca_show_prints_the_ca_in_use() {
         std::fs::read_to_string(dir.path().join("my-ca.pem")).unwrap()
     );
 }
+
+/// `check | head -1`: the reader goes away before the summary is written; the command ends
+/// quietly with 0 instead of a panic and a backtrace.
+#[test]
+fn check_into_a_closed_pipe_exits_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("portcullis.toml");
+    std::fs::write(
+        &path,
+        "[[hosts]]\nhost = \"pypi.org\"\n[[hosts]]\nhost = \"api.example.com\"\npaths = [\"/v1/**\"]\ncredential = \"api\"\n[credentials.api]\nbearer = { value = \"t\" }\n",
+    )
+    .unwrap();
+    for _ in 0..3 {
+        let mut child = Command::new(BIN)
+            .args(["check", "-c", path.to_str().unwrap()])
+            .env_remove("PORTCULLIS_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The read end closes before the command has loaded its config, let alone written.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+    }
+    // And the summary names the path globs, and a plain-http rule as such.
+    let out = Command::new(BIN)
+        .args(["check", "-c", path.to_str().unwrap()])
+        .env_remove("PORTCULLIS_CONFIG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("paths=/v1/**"), "{stdout}");
+    std::fs::write(
+        &path,
+        "[[hosts]]\nhost = \"mirror.test\"\nports = [80]\nmethods = [\"GET\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "-c", path.to_str().unwrap()])
+        .env_remove("PORTCULLIS_CONFIG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("mirror.test ports [80] plain-http"),
+        "{stdout}"
+    );
+}

@@ -190,6 +190,13 @@ async fn connect_tunnel_to_allowed_tls_upstream_with_curl() {
     .await;
     assert_eq!(out.status, 200, "{out:?}");
     assert_eq!(up.last().version, "HTTP/2.0");
+    // Clean tunnels (curl closes its end, whether or not it half-closes first): no error.
+    let events = proxy.audit_events(2).await;
+    let tunnels: Vec<_> = events.iter().filter(|e| e["kind"] == "tunnel").collect();
+    assert_eq!(tunnels.len(), 2, "{events:?}");
+    for t in tunnels {
+        assert!(t["error"].is_null(), "{t}");
+    }
     proxy.stop().await;
 }
 

@@ -112,6 +112,23 @@ pub enum CliError {
     /// The async runtime could not start.
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
+    /// Standard output could not be written.
+    #[error("cannot write the output: {0}")]
+    Output(std::io::Error),
+}
+
+/// Writes `text` to standard output. A reader that went away (`portcullis check | head -1`) is
+/// not an error: what it wanted, it got.
+fn out(text: &str) -> Result<(), CliError> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(CliError::Output(e)),
+        _ => Ok(()),
+    }
 }
 
 // Not `#[from]`: that would make the errors the *source* too, and `main` prints the chain.
@@ -139,15 +156,15 @@ pub fn execute(cli: Cli) -> Result<ExitCode, CliError> {
             let config = config::load(cli.config.as_deref())?;
             // The upstream roots and extra CA files must load too.
             tls::upstream_client_config(&config.tls)?;
-            print!("{}", config.summary());
+            out(&config.summary())?;
             let ca = &config.tls.ca_cert;
             if ca.exists() {
-                println!("interception CA: {}", ca.display());
+                out(&format!("interception CA: {}\n", ca.display()))?;
             } else {
-                println!(
-                    "interception CA: {} (missing: generated at first start)",
+                out(&format!(
+                    "interception CA: {} (missing: generated at first start)\n",
                     ca.display()
-                );
+                ))?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -165,11 +182,11 @@ pub fn execute(cli: Cli) -> Result<ExitCode, CliError> {
                 }
             };
             tls::init_ca(&cert, &key, force)?;
-            println!(
-                "wrote CA certificate {} and key {} (mode 0600)",
+            out(&format!(
+                "wrote CA certificate {} and key {} (mode 0600)\n",
                 cert.display(),
                 key.display()
-            );
+            ))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Ca {
@@ -179,9 +196,9 @@ pub fn execute(cli: Cli) -> Result<ExitCode, CliError> {
             let path = &config.tls().ca_cert;
             let pem = std::fs::read_to_string(path).map_err(|_| CliError::NoCa(path.clone()))?;
             if bundle {
-                print!("{}", tls::ca_bundle_pem(&pem)?);
+                out(&tls::ca_bundle_pem(&pem)?)?;
             } else {
-                print!("{pem}");
+                out(&pem)?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -236,7 +253,7 @@ pub fn execute(cli: Cli) -> Result<ExitCode, CliError> {
                 ca: &ca.to_string_lossy(),
                 bundle: &bundle.to_string_lossy(),
             };
-            print!("{}", env::render(&proxy_url, files, &no_proxy, format));
+            out(&env::render(&proxy_url, files, &no_proxy, format))?;
             Ok(ExitCode::SUCCESS)
         }
     }

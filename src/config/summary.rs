@@ -37,7 +37,11 @@ impl Config {
                 "  {} ports {:?} {}",
                 r.name,
                 r.ports,
-                if r.intercepts() {
+                // Port 80 alone is plain http: every request is inspected, nothing is tunneled or
+                // intercepted.
+                if r.ports.iter().all(|p| *p == 80) {
+                    "plain-http"
+                } else if r.intercepts() {
                     "intercept"
                 } else {
                     "tunnel"
@@ -51,7 +55,7 @@ impl Config {
                 line.push_str(&format!(" methods={}", names.join(",")));
             }
             if r.paths.is_some() {
-                line.push_str(" paths=restricted");
+                line.push_str(&format!(" paths={}", r.path_globs.join(",")));
             }
             if let Some(c) = &r.clients {
                 line.push_str(&format!(" clients={}", c.join(",")));

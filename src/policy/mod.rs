@@ -11,6 +11,7 @@
 
 mod host;
 mod path;
+mod presets;
 
 use std::fmt;
 
@@ -19,6 +20,7 @@ use http::Method;
 
 pub use host::{normalize_host, Host, HostPattern, PatternError};
 pub use path::{compile_paths, judged_path, normalize_path, AmbiguousPath};
+pub use presets::{preset, presets, Preset};
 
 /// When to terminate TLS for a CONNECT that a rule allows (spec §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
@@ -57,6 +59,8 @@ pub struct Rule {
     pub methods: Option<Vec<Method>>,
     /// Allowed paths; `None` = any.
     pub paths: Option<GlobSet>,
+    /// The `paths` globs as written (for `check`).
+    pub path_globs: Vec<String>,
     /// Clients this rule applies to; `None` = every client.
     pub clients: Option<Vec<String>>,
     /// Credential injected for requests this rule allows.
@@ -281,6 +285,7 @@ mod tests {
             credential: None,
             intercept: Intercept::Auto,
             plaintext_credentials: false,
+            path_globs: Vec::new(),
         }
     }
 

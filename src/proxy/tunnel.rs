@@ -5,7 +5,7 @@
 //! the CONNECT target closes the tunnel (`sni_mismatch`), so an allowed name cannot be used as a
 //! front for another destination.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -26,7 +26,10 @@ pub enum TunnelEnd {
     SniMismatch,
     /// The first bytes looked like TLS but were not a valid ClientHello, or never completed.
     BadClientHello,
-    /// A socket error.
+    /// A side reset the connection (or it was gone when written to) before the other side was
+    /// done.
+    Reset,
+    /// Another socket error.
     Error,
     /// Cut when the shutdown grace period ended.
     Shutdown,
@@ -40,7 +43,8 @@ impl TunnelEnd {
             Self::Idle => "idle_timeout",
             Self::SniMismatch => "sni_mismatch",
             Self::BadClientHello => "bad_client_hello",
-            Self::Error => "error",
+            Self::Reset => "connection reset",
+            Self::Error => "socket error",
             Self::Shutdown => "cut at shutdown",
         }
     }
@@ -74,30 +78,54 @@ where
 {
     let start = Instant::now();
     let last_activity = AtomicU64::new(0);
+    // Set when a side has sent its EOF: a write to it failing afterwards is that side having
+    // left after it was done (a client that closes instead of half-closing), not a failure.
+    let client_done = AtomicBool::new(false);
+    let upstream_done = AtomicBool::new(false);
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut upstream_read, mut upstream_write) = upstream.into_split();
 
     let up = async {
         let first = inspect_first_bytes(&mut client_read, host, hello_timeout).await?;
         if first.is_empty() {
+            client_done.store(true, Ordering::Relaxed);
             let _ = upstream_write.shutdown().await;
             return Ok(());
         }
         upstream_write
             .write_all(&first)
             .await
-            .map_err(|_| TunnelEnd::Error)?;
+            .map_err(|e| ended(&e))?;
         drop(first);
         touch(&last_activity, start);
-        pump(&mut client_read, &mut upstream_write, &last_activity, start).await
+        let ends = Ends {
+            reader: &client_done,
+            writer: &upstream_done,
+        };
+        pump(
+            &mut client_read,
+            &mut upstream_write,
+            &last_activity,
+            start,
+            ends,
+        )
+        .await
     };
     let down = async {
         // Wait for the upstream to have something before allocating a buffer.
-        upstream_read
-            .readable()
-            .await
-            .map_err(|_| TunnelEnd::Error)?;
-        pump(&mut upstream_read, &mut client_write, &last_activity, start).await
+        upstream_read.readable().await.map_err(|e| ended(&e))?;
+        let ends = Ends {
+            reader: &upstream_done,
+            writer: &client_done,
+        };
+        pump(
+            &mut upstream_read,
+            &mut client_write,
+            &last_activity,
+            start,
+            ends,
+        )
+        .await
     };
     let idle_watch = async {
         loop {
@@ -123,11 +151,27 @@ fn touch(last: &AtomicU64, start: Instant) {
     last.store(ms, Ordering::Relaxed);
 }
 
+/// How an I/O error ends a tunnel.
+fn ended(e: &std::io::Error) -> TunnelEnd {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe => TunnelEnd::Reset,
+        _ => TunnelEnd::Error,
+    }
+}
+
+/// The EOF flags of one direction: its reader's side (set here at EOF) and its writer's side.
+struct Ends<'a> {
+    reader: &'a AtomicBool,
+    writer: &'a AtomicBool,
+}
+
 async fn pump<R, W>(
     reader: &mut R,
     writer: &mut W,
     last: &AtomicU64,
     start: Instant,
+    ends: Ends<'_>,
 ) -> Result<(), TunnelEnd>
 where
     R: AsyncRead + Unpin,
@@ -135,16 +179,26 @@ where
 {
     let mut buf = vec![0u8; RELAY_BUFFER_BYTES];
     loop {
-        let n = reader.read(&mut buf).await.map_err(|_| TunnelEnd::Error)?;
+        let n = match reader.read(&mut buf).await {
+            Ok(n) => n,
+            // The other side had finished (its EOF passed on), and this one reset instead of
+            // closing: everything was delivered, a clean end.
+            Err(e) if ended(&e) == TunnelEnd::Reset && ends.writer.load(Ordering::Relaxed) => 0,
+            Err(e) => return Err(ended(&e)),
+        };
         if n == 0 {
+            ends.reader.store(true, Ordering::Relaxed);
             // Pass the EOF on; the other direction keeps flowing until its side closes too.
             let _ = writer.shutdown().await;
             return Ok(());
         }
-        writer
-            .write_all(&buf[..n])
-            .await
-            .map_err(|_| TunnelEnd::Error)?;
+        if let Err(e) = writer.write_all(&buf[..n]).await {
+            // The writer's side already said it was done and then went away: a clean end.
+            if ends.writer.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            return Err(ended(&e));
+        }
         touch(last, start);
         if n == buf.len() && buf.len() < RELAY_BUFFER_MAX_BYTES {
             buf.resize(buf.len() * 2, 0);

@@ -75,6 +75,7 @@ pub(super) fn hosts(
                 credential: h.credential.clone(),
                 intercept: h.intercept,
                 plaintext_credentials: h.plaintext_credentials,
+                path_globs: h.paths.clone().unwrap_or_default(),
             });
         }
     }
