@@ -7,15 +7,12 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use common::github::*;
 use common::oauth::Served;
 use common::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
 
 /// A proxy with a `gh` credential minting from the stand-in at `api.github.test`, injected on
 /// `api.github.test` itself (intercepted): the resource accepts only the minted token.
@@ -349,18 +346,7 @@ async fn canary_no_private_key_or_installation_token_reaches_any_output() {
 }
 
 fn check(dir: &std::path::Path, body: &str) -> (i32, String, String) {
-    let path = dir.join("portcullis.toml");
-    std::fs::write(&path, body).unwrap();
-    let out = Command::new(BIN)
-        .args(["check", "-c", path.to_str().unwrap()])
-        .env_remove("PORTCULLIS_CONFIG")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    check_config(dir, body, &[])
 }
 
 #[test]

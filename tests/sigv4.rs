@@ -21,7 +21,6 @@ use common::*;
 const ACCESS_KEY: &str = "AKIDPORTCULLISREAL01";
 const SECRET: &str = "CANARY-aws-secret-9c41e7/real+key";
 const SESSION_TOKEN: &str = "CANARY-aws-session-5e0d2b";
-const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
 
 fn support(file: &str) -> String {
     format!("{}/tests/support/{file}", env!("CARGO_MANIFEST_DIR"))
@@ -437,19 +436,8 @@ async fn canary_no_aws_secret_or_session_token_reaches_any_output() {
 fn check_names_a_missing_key_and_a_bad_scope() {
     let dir = tempfile::tempdir().unwrap();
     let run = |body: &str| {
-        let path = dir.path().join("portcullis.toml");
-        std::fs::write(&path, body).unwrap();
-        let out = Command::new(BIN)
-            .args(["check", "-c", path.to_str().unwrap()])
-            .env_remove("PORTCULLIS_CONFIG")
-            .env_remove("PORTCULLIS_TEST_AWS_UNSET")
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned()
-                + &String::from_utf8_lossy(&out.stderr),
-        )
+        let (code, stdout, stderr) = check_config(dir.path(), body, &["PORTCULLIS_TEST_AWS_UNSET"]);
+        (code, stdout + &stderr)
     };
     let spec = |key_id: &str, region: &str| {
         format!(

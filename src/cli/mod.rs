@@ -59,6 +59,8 @@ pub enum Command {
         #[arg(long, value_delimiter = ',')]
         no_proxy: Option<Vec<String>>,
     },
+    /// List the built-in host presets (`preset = "NAME"` in a [[hosts]] rule) and their hosts.
+    Presets,
     /// The interception CA.
     Ca {
         /// What to do with it.
@@ -166,6 +168,19 @@ pub fn execute(cli: Cli) -> Result<ExitCode, CliError> {
                     ca.display()
                 ))?;
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Presets => {
+            let mut text = String::new();
+            for preset in crate::policy::presets() {
+                text.push_str(&format!(
+                    "{}: {}\n  {}\n",
+                    preset.name,
+                    preset.description,
+                    preset.hosts.join(" ")
+                ));
+            }
+            out(&text)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Ca {

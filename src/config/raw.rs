@@ -190,7 +190,11 @@ pub const DEFAULT_PORTS: [u16; 2] = [80, 443];
 #[serde(deny_unknown_fields)]
 pub struct RawHostRule {
     /// Exact name, `*.suffix`, IP literal or CIDR.
-    pub host: String,
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Instead of `host`: a built-in group of host patterns (`portcullis presets`).
+    #[serde(default)]
+    pub preset: Option<String>,
     /// Name of the credential to inject.
     #[serde(default)]
     pub credential: Option<String>,

@@ -1025,9 +1025,8 @@ impl RunningBinary {
         scrape(&self.admin).await
     }
 
-    /// Stops the proxy (SIGTERM; it must exit 0 within 20 s) and returns what it wrote. For the
-    /// canaries, which run it with debug logging (checked here) and search everything for secrets.
-    pub fn stop_and_collect(mut self) -> Collected {
+    /// Stops the proxy (SIGTERM; it must exit 0 within 20 s) and returns what it wrote.
+    pub fn stop(mut self) -> Collected {
         assert_eq!(self.child.terminate(Duration::from_secs(20)), Some(0));
         let stdout = self
             .stdout
@@ -1036,10 +1035,39 @@ impl RunningBinary {
             .unwrap_or_default();
         let mut stderr = std::mem::take(&mut self.startup);
         stderr.extend(self.drain_lines());
-        let stderr = stderr.join("\n");
-        assert!(stderr.contains("DEBUG"), "debug logging was on");
-        Collected { stdout, stderr }
+        Collected {
+            stdout,
+            stderr: stderr.join("\n"),
+        }
     }
+
+    /// [`RunningBinary::stop`], for the canaries, which run the proxy with debug logging
+    /// (checked here) and search everything it wrote for secrets.
+    pub fn stop_and_collect(self) -> Collected {
+        let collected = self.stop();
+        assert!(collected.stderr.contains("DEBUG"), "debug logging was on");
+        collected
+    }
+}
+
+/// `portcullis check -c DIR/portcullis.toml` with `body` as the file: exit code, stdout, stderr.
+/// `unset` names environment variables removed for the run.
+pub fn check_config(dir: &Path, body: &str, unset: &[&str]) -> (i32, String, String) {
+    let path = dir.join("portcullis.toml");
+    std::fs::write(&path, body).unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
+    command
+        .args(["check", "-c", path.to_str().unwrap()])
+        .env_remove("PORTCULLIS_CONFIG");
+    for var in unset {
+        command.env_remove(var);
+    }
+    let out = command.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// `/metrics` of the admin listener at `admin` (`http://host:port`), fetched directly.

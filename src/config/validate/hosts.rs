@@ -23,13 +23,36 @@ pub(super) fn hosts(
     let mut rules = Vec::new();
     for (i, h) in raw.iter().enumerate() {
         let key = format!("hosts[{i}]");
-        let pattern = match HostPattern::parse(&h.host) {
-            Ok(pat) => Some(pat),
-            Err(e) => {
-                p.add(format!("{key}.host"), e.to_string());
-                None
+        // The rule's host patterns: its `host`, or every pattern of its `preset` (each one a
+        // rule named by its pattern, with the rest of this rule's fields).
+        let names: Vec<String> = match (&h.host, &h.preset) {
+            (Some(host), None) => vec![host.trim().to_owned()],
+            (None, Some(name)) => match policy::preset(name) {
+                Some(preset) => preset.hosts.clone(),
+                None => {
+                    p.add(
+                        format!("{key}.preset"),
+                        format!("unknown preset {name:?}: `portcullis presets` lists them"),
+                    );
+                    Vec::new()
+                }
+            },
+            (Some(_), Some(_)) => {
+                p.add(key.clone(), "host and preset are exclusive: use one");
+                Vec::new()
+            }
+            (None, None) => {
+                p.add(key.clone(), "needs a host or a preset");
+                Vec::new()
             }
         };
+        let mut patterns = Vec::with_capacity(names.len());
+        for name in names {
+            match HostPattern::parse(&name) {
+                Ok(pattern) => patterns.push((name, pattern)),
+                Err(e) => p.add(format!("{key}.host"), e.to_string()),
+            }
+        }
         let ports = h.ports.clone().unwrap_or_else(|| DEFAULT_PORTS.to_vec());
         if ports.is_empty() || ports.contains(&0) {
             p.add(
@@ -64,13 +87,13 @@ pub(super) fn hosts(
                 "{key}: intercept = \"never\" with a credential, methods or paths: HTTPS through a tunnel is not inspected, so these apply to plain http only"
             ));
         }
-        if let Some(pattern) = pattern {
+        for (name, pattern) in patterns {
             rules.push(Rule {
-                name: Arc::from(h.host.trim()),
+                name: Arc::from(name.as_str()),
                 pattern,
-                ports,
-                methods,
-                paths,
+                ports: ports.clone(),
+                methods: methods.clone(),
+                paths: paths.clone(),
                 clients: h.clients.clone(),
                 credential: h.credential.clone(),
                 intercept: h.intercept,
