@@ -15,6 +15,7 @@ pub mod config;
 pub mod credentials;
 pub mod error;
 pub mod identity;
+pub mod learn;
 pub mod net;
 pub mod policy;
 pub mod proxy;

@@ -11,18 +11,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
 
 fn check(config: &str) -> (i32, String, String) {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("portcullis.toml");
-    std::fs::write(&path, config).unwrap();
-    let out = Command::new(BIN)
-        .args(["check", "-c", path.to_str().unwrap()])
-        .env_remove("PORTCULLIS_CONFIG")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    common::check_config(dir.path(), config, &[])
 }
 
 #[test]

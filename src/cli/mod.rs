@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
 
 use self::env::{CaFiles, Format, ProxyUrl, ProxyUrlError};
 use self::logging::LogFormat;
-use crate::{config, proxy, tls};
+use crate::{config, learn, proxy, tls};
 
 /// Portcullis: an authenticating egress proxy for CI and build pipelines.
 #[derive(Debug, Parser)]
@@ -38,7 +38,23 @@ pub enum Command {
     /// Run the proxy.
     Run,
     /// Load and validate the configuration, resolve every secret source, print a summary.
-    Check,
+    Check {
+        /// Also judge every event of this audit (JSON lines; `-` = stdin) against the
+        /// configuration and list each it decides differently; exit 2 when traffic that went
+        /// through would now be denied.
+        #[arg(long, value_name = "AUDIT")]
+        replay: Option<PathBuf>,
+    },
+    /// Print [[hosts]] rules that allow what an audit shows and the configuration (-c, if given)
+    /// does not allow yet.
+    Learn {
+        /// The audit (JSON lines; default: stdin).
+        #[arg(long, value_name = "FILE")]
+        audit: Option<PathBuf>,
+        /// Only this client's events.
+        #[arg(long)]
+        client: Option<String>,
+    },
     /// Print the environment a pipeline container needs (proxy variables and CA paths).
     Env {
         /// Proxy URL, http://[NAME:TOKEN@]HOST:PORT; the name and token may be given raw, they
@@ -117,6 +133,23 @@ pub enum CliError {
     /// Standard output could not be written.
     #[error("cannot write the output: {0}")]
     Output(std::io::Error),
+    /// An input file (an audit) could not be read.
+    #[error("cannot read {0}: {1}")]
+    Input(String, std::io::Error),
+    /// An audit line is not an event.
+    #[error(transparent)]
+    Audit(#[from] learn::BadLine),
+}
+
+/// A file's text, or standard input's for `None` or `-`.
+fn read_input(path: Option<&std::path::Path>) -> Result<String, CliError> {
+    match path {
+        Some(p) if p != std::path::Path::new("-") => {
+            std::fs::read_to_string(p).map_err(|e| CliError::Input(p.display().to_string(), e))
+        }
+        _ => std::io::read_to_string(std::io::stdin())
+            .map_err(|e| CliError::Input("standard input".into(), e)),
+    }
 }
 
 /// Writes `text` to standard output. A reader that went away (`portcullis check | head -1`) is
@@ -154,7 +187,7 @@ pub fn execute(cli: Cli) -> Result<ExitCode, CliError> {
             runtime.block_on(proxy::run(config))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check => {
+        Command::Check { replay } => {
             let config = config::load(cli.config.as_deref())?;
             // The upstream roots and extra CA files must load too.
             tls::upstream_client_config(&config.tls)?;
@@ -168,6 +201,34 @@ pub fn execute(cli: Cli) -> Result<ExitCode, CliError> {
                     ca.display()
                 ))?;
             }
+            let Some(audit) = replay else {
+                return Ok(ExitCode::SUCCESS);
+            };
+            let events = learn::read_events(&read_input(Some(&audit))?)?;
+            let changes = learn::replay(&config, &events);
+            let regressions = changes.iter().filter(|c| c.is_regression()).count();
+            let mut report = format!(
+                "replay: {} events, {} decided differently, {regressions} that went through would now be denied\n",
+                events.len(),
+                changes.len()
+            );
+            for change in &changes {
+                report.push_str(&format!("  {}\n", change.describe()));
+            }
+            out(&report)?;
+            Ok(match regressions {
+                0 => ExitCode::SUCCESS,
+                _ => ExitCode::from(2),
+            })
+        }
+        Command::Learn { audit, client } => {
+            // Only a configuration given with -c: the embedded default is not the one to extend.
+            let config = match &cli.config {
+                Some(path) => Some(config::load(Some(path))?),
+                None => None,
+            };
+            let events = learn::read_events(&read_input(audit.as_deref())?)?;
+            out(&learn::learn(&events, config.as_ref(), client.as_deref()))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Presets => {

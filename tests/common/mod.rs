@@ -1050,15 +1050,11 @@ impl RunningBinary {
     }
 }
 
-/// `portcullis check -c DIR/portcullis.toml` with `body` as the file: exit code, stdout, stderr.
-/// `unset` names environment variables removed for the run.
-pub fn check_config(dir: &Path, body: &str, unset: &[&str]) -> (i32, String, String) {
-    let path = dir.join("portcullis.toml");
-    std::fs::write(&path, body).unwrap();
+/// `portcullis ARGS` to completion (no `$PORTCULLIS_CONFIG`, and the variables `unset`
+/// removed): exit code, stdout, stderr.
+pub fn run_portcullis(args: &[&str], unset: &[&str]) -> (i32, String, String) {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
-    command
-        .args(["check", "-c", path.to_str().unwrap()])
-        .env_remove("PORTCULLIS_CONFIG");
+    command.args(args).env_remove("PORTCULLIS_CONFIG");
     for var in unset {
         command.env_remove(var);
     }
@@ -1068,6 +1064,14 @@ pub fn check_config(dir: &Path, body: &str, unset: &[&str]) -> (i32, String, Str
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// `portcullis check -c DIR/portcullis.toml` with `body` as the file: exit code, stdout, stderr.
+/// `unset` names environment variables removed for the run.
+pub fn check_config(dir: &Path, body: &str, unset: &[&str]) -> (i32, String, String) {
+    let path = dir.join("portcullis.toml");
+    std::fs::write(&path, body).unwrap();
+    run_portcullis(&["check", "-c", path.to_str().unwrap()], unset)
 }
 
 /// `/metrics` of the admin listener at `admin` (`http://host:port`), fetched directly.
