@@ -19,7 +19,6 @@ use common::*;
 
 const NETNS_ENV: &str = "PORTCULLIS_TRANSPARENT_NETNS";
 const NETNS_TEST: &str = "redirected_clients_are_held_to_the_allow_list_in_a_network_namespace";
-const DONE: &str = "transparent checks passed";
 /// The user whose connections are redirected (nobody).
 const TEST_UID: &str = "65534";
 const SECRET: &str = "transparent-canary-token";
@@ -31,7 +30,7 @@ const SCRIPT_TEST: &str =
 async fn redirected_clients_are_held_to_the_allow_list_in_a_network_namespace() {
     if std::env::var_os(NETNS_ENV).is_some() {
         inside().await;
-        println!("{DONE}");
+        println!("{}", netns::DONE);
         return;
     }
     in_namespace(NETNS_TEST, NETNS_ENV).await;
@@ -44,7 +43,7 @@ async fn redirected_clients_are_held_to_the_allow_list_in_a_network_namespace() 
 async fn the_sidecar_redirect_script_holds_the_namespace_to_the_transparent_listener() {
     if std::env::var_os(SCRIPT_ENV).is_some() {
         inside_with_script().await;
-        println!("{DONE}");
+        println!("{}", netns::DONE);
         return;
     }
     in_namespace(SCRIPT_TEST, SCRIPT_ENV).await;
@@ -52,28 +51,24 @@ async fn the_sidecar_redirect_script_holds_the_namespace_to_the_transparent_list
 
 /// Runs test `name` again in a network namespace of its own (with `env` set), or says why not.
 async fn in_namespace(name: &str, env: &str) {
-    if let Some(why) = unavailable() {
-        eprintln!("skipped: {why}");
-        return;
-    }
-    let exe = std::env::current_exe().unwrap();
-    let child = tokio::process::Command::new("unshare")
-        .args(["-n", "--"])
-        .arg(&exe)
-        .args(["--exact", name, "--nocapture", "--test-threads=1"])
-        .env(env, "1")
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(90), child)
-        .await
-        .expect("the namespaced run ends in time")
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.contains(DONE) && stdout.contains("1 passed"),
-        "namespaced run failed\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
-    );
+    netns::rerun_in_network_namespace(
+        name,
+        env,
+        &[
+            &["unshare", "-n", "--", "nft", "list", "ruleset"],
+            &[
+                "setpriv",
+                "--reuid",
+                TEST_UID,
+                "--regid",
+                TEST_UID,
+                "--clear-groups",
+                "true",
+            ],
+            &["curl", "--version"],
+        ],
+    )
+    .await;
 }
 
 async fn inside_with_script() {
@@ -179,45 +174,6 @@ ports = [{}]
         .unwrap();
     let rules = String::from_utf8_lossy(&rules.stdout);
     assert_eq!(rules.matches("redirect to").count(), 2, "{rules}");
-}
-
-/// Why the namespaced run cannot happen here, if it cannot.
-fn unavailable() -> Option<String> {
-    let probe = |program: &str, args: &[&str]| {
-        std::process::Command::new(program)
-            .args(args)
-            .output()
-            .map_err(|e| format!("cannot run {program} ({e})"))
-            .and_then(|out| match out.status.success() {
-                true => Ok(()),
-                false => Err(format!(
-                    "{program} {args:?} failed: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )),
-            })
-    };
-    probe("unshare", &["-n", "--", "true"])
-        .and_then(|()| probe("unshare", &["-n", "--", "nft", "list", "ruleset"]))
-        .and_then(|()| {
-            probe(
-                "setpriv",
-                &[
-                    "--reuid",
-                    TEST_UID,
-                    "--regid",
-                    TEST_UID,
-                    "--clear-groups",
-                    "true",
-                ],
-            )
-        })
-        .and_then(|()| probe("curl", &["--version"]))
-        .err()
-        .map(|why| {
-            format!(
-                "{why} (needs root, util-linux, nftables and curl; tests/setup.sh installs them)"
-            )
-        })
 }
 
 fn run(program: &str, args: &[&str]) {

@@ -22,6 +22,7 @@ use portcullis::proxy::{self, ProxyHandle};
 use tokio::net::TcpListener;
 
 pub mod github;
+pub mod netns;
 pub mod oauth;
 pub mod oidc;
 pub mod oidc_proxy;
@@ -582,6 +583,19 @@ pub async fn tls_upstream(names: &[&str]) -> Upstream {
 
 /// A TLS upstream that also serves `files` under `/git/`.
 pub async fn tls_upstream_with(names: &[&str], files: Option<StaticFiles>) -> Upstream {
+    tls_upstream_bound("127.0.0.1:0".parse().unwrap(), names, files).await
+}
+
+/// A TLS upstream bound to `bind` (a fixed port, in a network namespace of the test's own).
+pub async fn tls_upstream_at(bind: SocketAddr, names: &[&str]) -> Upstream {
+    tls_upstream_bound(bind, names, None).await
+}
+
+async fn tls_upstream_bound(
+    bind: SocketAddr,
+    names: &[&str],
+    files: Option<StaticFiles>,
+) -> Upstream {
     let (ca_pem, chain, key) = test_pki(names);
     let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -593,7 +607,7 @@ pub async fn tls_upstream_with(names: &[&str], files: Option<StaticFiles>) -> Up
     .unwrap();
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    serve_upstream(Some(acceptor), Some(ca_pem), files.map(Arc::new)).await
+    serve_upstream_on(bind, Some(acceptor), Some(ca_pem), files.map(Arc::new)).await
 }
 
 /// Root store trusting a TLS upstream's test CA.
