@@ -19,6 +19,7 @@
 
 mod error;
 mod frozen;
+mod include;
 mod raw;
 mod summary;
 mod validate;
@@ -74,20 +75,32 @@ fn load_with(path: Option<&Path>, secrets: Secrets) -> Result<Config, ConfigErro
         .or_else(|| std::env::var_os("PORTCULLIS_CONFIG").map(PathBuf::from));
     match path {
         Some(path) => {
-            let text = std::fs::read_to_string(&path).map_err(|e| {
+            let file_error = |message: String| {
                 ConfigErrors(vec![ConfigError {
                     origin: path.display().to_string(),
                     key: None,
                     position: None,
-                    message: format!("cannot read config file: {e}"),
+                    message,
                 }])
-            })?;
+            };
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| file_error(format!("cannot read config file: {e}")))?;
             let base = path
                 .parent()
                 .map(Path::to_path_buf)
                 .filter(|p| !p.as_os_str().is_empty())
                 .unwrap_or_else(|| PathBuf::from("."));
-            parse_with(&text, Origin::File(path), &base, true, secrets)
+            let assembled = include::assemble(&path, &text)?;
+            if !assembled.included {
+                return parse_with(&text, Origin::File(path), &base, true, secrets);
+            }
+            let merged = toml::to_string(&assembled.table)
+                .map_err(|e| file_error(format!("cannot merge the included files: {e}")))?;
+            let mut config = parse_with(&merged, Origin::File(path.clone()), &base, true, secrets)
+                .map_err(|errors| name_included_origins(errors, &path, &assembled.origins))?;
+            // Every included file (and glob folder) is watched like the main one.
+            config.secret_files.extend(assembled.watched);
+            Ok(config)
         }
         None => parse_with(
             EMBEDDED_DEFAULT,
@@ -97,6 +110,29 @@ fn load_with(path: Option<&Path>, secrets: Secrets) -> Result<Config, ConfigErro
             secrets,
         ),
     }
+}
+
+/// Errors about a `hosts` or `clients` entry name the file the entry came from.
+fn name_included_origins(
+    mut errors: ConfigErrors,
+    root: &Path,
+    origins: &std::collections::BTreeMap<&'static str, Vec<PathBuf>>,
+) -> ConfigErrors {
+    for e in &mut errors.0 {
+        let Some(key) = &e.key else { continue };
+        for (list, files) in origins {
+            let Some(rest) = key.strip_prefix(&format!("{list}[")) else {
+                continue;
+            };
+            let index = rest.split(']').next().and_then(|i| i.parse::<usize>().ok());
+            if let Some(file) = index.and_then(|i| files.get(i)) {
+                if file != root {
+                    e.origin = file.display().to_string();
+                }
+            }
+        }
+    }
+    errors
 }
 
 /// Parses and validates TOML `text`; with `env`, `PORTCULLIS_<SECTION>__<KEY>` overrides apply.
