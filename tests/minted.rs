@@ -393,6 +393,17 @@ async fn canary_no_client_secret_or_minted_token_reaches_any_output() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(tokens.mints() >= 2, "{}", tokens.mints());
+    // The first token, replaced since: a client sending it in another request's query and header
+    // gets it scrubbed from that event too (every minted token is, not only each request's own).
+    let first = tokens.tokens()[0].clone();
+    let r = client
+        .get(tls_url(&format!("/x?note={first}")))
+        .header("x-client-note", first.as_str())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    bodies.push(r.text().await.unwrap());
     // The endpoint fails (its error body holds the client secret): 503s, then recovery.
     tokens.failing.store(true, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_secs(4)).await;

@@ -25,7 +25,7 @@ use crate::body;
 use crate::credentials::github_app::Inject;
 use crate::credentials::{Claims, Credential, Minter, MissingClaim, OAuth2};
 use crate::error::ProxyError;
-use crate::telemetry::Metrics;
+use crate::telemetry::Telemetry;
 
 /// At most one mint attempt a second per credential.
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
@@ -185,16 +185,16 @@ impl MintedEntry {
     pub async fn token(
         self: &Arc<Self>,
         upstreams: &Upstreams,
-        metrics: &Metrics,
+        telemetry: &Arc<Telemetry>,
     ) -> Result<Arc<Token>, ProxyError> {
         let now = Instant::now();
         if let Some(token) = self.valid(now) {
             if now >= token.refresh_at && !self.refreshing.swap(true, Ordering::AcqRel) {
                 let entry = self.clone();
                 let upstreams = upstreams.clone();
-                let metrics = metrics.clone();
+                let telemetry = telemetry.clone();
                 tokio::spawn(async move {
-                    entry.refresh(&upstreams, &metrics).await;
+                    entry.refresh(&upstreams, &telemetry).await;
                     entry.refreshing.store(false, Ordering::Release);
                 });
             }
@@ -211,21 +211,21 @@ impl MintedEntry {
                 failure.unwrap_or_else(|| "the last token has already expired".to_owned()),
             ));
         }
-        self.mint(upstreams, metrics)
+        self.mint(upstreams, telemetry)
             .await
             .map_err(|why| self.unavailable(why))
     }
 
     /// A background refresh: skipped when a mint is under way or one was attempted within the
     /// second; a failure keeps the current token.
-    async fn refresh(&self, upstreams: &Upstreams, metrics: &Metrics) {
+    async fn refresh(&self, upstreams: &Upstreams, telemetry: &Telemetry) {
         let Ok(_minting) = self.minting.try_lock() else {
             return;
         };
         if self.recent_failure().is_some() {
             return;
         }
-        if let Err(why) = self.mint(upstreams, metrics).await {
+        if let Err(why) = self.mint(upstreams, telemetry).await {
             tracing::warn!(credential = %self.config.name(), reason = %why, "credential refresh failed; the cached token stays in use while valid");
         }
     }
@@ -238,7 +238,12 @@ impl MintedEntry {
     }
 
     /// Mints a token (the caller holds `minting`), stores it, counts the attempt.
-    async fn mint(&self, upstreams: &Upstreams, metrics: &Metrics) -> Result<Arc<Token>, String> {
+    async fn mint(
+        &self,
+        upstreams: &Upstreams,
+        telemetry: &Telemetry,
+    ) -> Result<Arc<Token>, String> {
+        let metrics = &telemetry.metrics;
         let name = &**self.config.name();
         let result = self.request_token(upstreams).await;
         let label = if result.is_ok() { "success" } else { "failure" };
@@ -258,6 +263,12 @@ impl MintedEntry {
                     .credential_expiry
                     .with_label_values(&[name])
                     .set(unix);
+                // Scrubbed from every audit event from now on, not only its own requests'.
+                if let Some(echoes) = &token.credential.echoes {
+                    telemetry
+                        .live_secrets
+                        .remember(echoes.clone(), token.expires);
+                }
                 let token = Arc::new(token);
                 let mut current = match self.current.write() {
                     Ok(c) => c,

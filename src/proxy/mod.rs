@@ -168,6 +168,7 @@ pub async fn start(config: Config) -> Result<ProxyHandle, ServerError> {
         audit,
         metrics: metrics.clone(),
         ids: IdGenerator::new(),
+        live_secrets: Default::default(),
     });
     let interceptor = Interceptor::new(ca, metrics.certificates_issued.clone());
     let ca_pem = interceptor.ca().cert_pem().into();

@@ -344,12 +344,8 @@ async fn apply_credential<'s>(
             .tokens
             .entry_for(minted, identity.claims.as_deref())
             .map_err(ProxyError::MissingClaim)?;
-        let token = entry
-            .token(&snap.upstreams, &conn.state.telemetry.metrics)
-            .await?;
-        if let Some(echoes) = &token.credential.echoes {
-            record.runtime_secret(echoes.clone());
-        }
+        // The token's echoes reach every audit event through the telemetry's live secrets.
+        let token = entry.token(&snap.upstreams, &conn.state.telemetry).await?;
         inject(&mut parts.headers, &token.credential);
         Injected::Minted(token)
     } else if let Some(signer) = snap.config.signers.get(name) {

@@ -22,6 +22,8 @@ mod record;
 mod sink;
 
 pub use event::{Decision, Event, EventLine, IdGenerator, Kind};
+use std::sync::Arc;
+
 pub use mask::{MaskedHeaders, Masker, HIDDEN, MASKED_HEADERS, MASKED_QUERY_PARAMS};
 pub use metrics::{
     method_label, Gauged, Metrics, EXPORTED, OIDC_RESULTS, REFRESH_RESULTS, RELOAD_FAILURE,
@@ -39,4 +41,52 @@ pub struct Telemetry {
     pub metrics: Metrics,
     /// Event ids.
     pub ids: IdGenerator,
+    /// Minted tokens still valid (or recently so): scrubbed from every audit event.
+    pub live_secrets: LiveSecrets,
+}
+
+/// How long after its expiry a minted token is still scrubbed from audit events.
+const SCRUB_AFTER_EXPIRY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Secrets only known at runtime that no snapshot's masker holds — minted tokens — kept while
+/// they are valid (and an hour after), so that every audit event is scrubbed of every one of
+/// them, not only the event of the request that carried it: a token minted by a background
+/// refresh can show up in another request's query before that request's own token is replaced.
+#[derive(Default)]
+pub struct LiveSecrets {
+    list: arc_swap::ArcSwap<Vec<(Arc<crate::credentials::Echoes>, std::time::Instant)>>,
+    writing: std::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for LiveSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveSecrets")
+            .field("count", &self.list.load().len())
+            .finish()
+    }
+}
+
+impl LiveSecrets {
+    /// Remembers a secret valid until `expires`; forgets those an hour past theirs.
+    pub fn remember(&self, secret: Arc<crate::credentials::Echoes>, expires: std::time::Instant) {
+        let _writing = self
+            .writing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = std::time::Instant::now();
+        let mut list: Vec<_> = self
+            .list
+            .load()
+            .iter()
+            .filter(|(_, until)| *until + SCRUB_AFTER_EXPIRY > now)
+            .cloned()
+            .collect();
+        list.push((secret, expires));
+        self.list.store(Arc::new(list));
+    }
+
+    /// Every secret remembered now.
+    pub fn current(&self) -> Arc<Vec<(Arc<crate::credentials::Echoes>, std::time::Instant)>> {
+        self.list.load_full()
+    }
 }

@@ -200,9 +200,17 @@ impl Record {
                 e.bytes_received,
             ),
         }
+        let mut runtime = self.runtime_secrets;
+        runtime.extend(
+            telemetry
+                .live_secrets
+                .current()
+                .iter()
+                .map(|(s, _)| s.clone()),
+        );
         telemetry
             .audit
-            .emit_scrubbed(self.event, &self.masker, self.runtime_secrets);
+            .emit_scrubbed(self.event, &self.masker, runtime);
     }
 
     /// Ends a tunnel record with its byte counts and how it ended.
