@@ -315,3 +315,40 @@ fn check_into_a_closed_pipe_exits_quietly() {
         "{stdout}"
     );
 }
+
+/// A CA certificate without its key is what `run` refuses to start with: `check` says so too,
+/// instead of passing.
+#[test]
+fn check_refuses_half_a_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("state")).unwrap();
+    std::fs::write(dir.path().join("state/ca.pem"), "not used").unwrap();
+    let (code, _, stderr) = common::check_config(dir.path(), "[[hosts]]\nhost = \"a.test\"\n", &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("one exists without the other"), "{stderr}");
+}
+
+/// `{ env = "A", file = "b" }` or a credential with two kinds is refused, naming the key, instead
+/// of serde quietly using the first.
+#[test]
+fn ambiguous_secret_sources_and_credential_kinds_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, stderr) = common::check_config(
+        dir.path(),
+        "[credentials.a]\nbearer = { env = \"HOME\", file = \"/etc/hostname\" }\n[[hosts]]\nhost = \"a.test\"\ncredential = \"a\"\n",
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("credentials.a.bearer")
+            && stderr.contains("exactly one of env, file, value"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = common::check_config(
+        dir.path(),
+        "[credentials.a]\nbearer = { env = \"HOME\" }\nheader = { name = \"X-Key\", value = { env = \"HOME\" } }\n",
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(stderr.contains("credentials.a: sets 2 kinds"), "{stderr}");
+}

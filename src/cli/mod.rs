@@ -192,8 +192,10 @@ pub fn execute(cli: Cli) -> Result<ExitCode, CliError> {
             // The upstream roots and extra CA files must load too.
             tls::upstream_client_config(&config.tls)?;
             out(&config.summary())?;
+            // What `run` would refuse (a CA certificate without its key, or the reverse, or
+            // one that does not load), `check` refuses too.
             let ca = &config.tls.ca_cert;
-            if ca.exists() {
+            if tls::CertificateAuthority::inspect(ca, &config.tls.ca_key)? {
                 out(&format!("interception CA: {}\n", ca.display()))?;
             } else {
                 out(&format!(

@@ -112,6 +112,71 @@ fn load_with(path: Option<&Path>, secrets: Secrets) -> Result<Config, ConfigErro
     }
 }
 
+/// A credential names exactly one kind, and a secret source exactly one of `env`, `file`,
+/// `value`: a table with two (`{ env = "A", file = "b" }`) is an error, not a silent pick.
+fn one_of_choices(table: &toml::Table, origin: &str) -> Vec<ConfigError> {
+    const SOURCES: [&str; 3] = ["env", "file", "value"];
+    let mut errors = Vec::new();
+    let mut add = |key: String, message: String| {
+        errors.push(ConfigError {
+            origin: origin.to_owned(),
+            key: Some(key),
+            position: None,
+            message,
+        })
+    };
+    if let Some(toml::Value::Table(credentials)) = table.get("credentials") {
+        for (name, spec) in credentials {
+            if let toml::Value::Table(kinds) = spec {
+                if kinds.len() > 1 {
+                    let found: Vec<&str> = kinds.keys().map(String::as_str).collect();
+                    add(
+                        format!("credentials.{name}"),
+                        format!(
+                            "sets {} kinds ({}): a credential has exactly one",
+                            found.len(),
+                            found.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    fn walk(value: &toml::Value, path: &str, found: &mut Vec<(String, Vec<String>)>) {
+        match value {
+            toml::Value::Table(t) => {
+                let keys: Vec<String> = t.keys().cloned().collect();
+                if keys.len() > 1 && keys.iter().all(|k| SOURCES.contains(&k.as_str())) {
+                    found.push((path.to_owned(), keys));
+                }
+                for (k, v) in t {
+                    walk(v, &format!("{path}.{k}"), found);
+                }
+            }
+            toml::Value::Array(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    walk(v, &format!("{path}[{i}]"), found);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut sources = Vec::new();
+    for (k, v) in table {
+        walk(v, k, &mut sources);
+    }
+    for (path, keys) in sources {
+        add(
+            path,
+            format!(
+                "a secret source takes exactly one of env, file, value; found {}",
+                keys.join(", ")
+            ),
+        );
+    }
+    errors
+}
+
 /// Errors about a `hosts` or `clients` entry name the file the entry came from.
 fn name_included_origins(
     mut errors: ConfigErrors,
@@ -152,12 +217,20 @@ fn parse_with(
     let origin_text = origin.to_string();
     // Syntax first, ourselves: toml's own message quotes the offending line, which could hold a
     // literal secret. We keep its message and position only.
-    if let Err(e) = text.parse::<toml::Table>() {
-        return Err(ConfigErrors(vec![error::toml_syntax_error(
-            &e,
-            text,
-            &origin_text,
-        )]));
+    let table = match text.parse::<toml::Table>() {
+        Ok(table) => table,
+        Err(e) => {
+            return Err(ConfigErrors(vec![error::toml_syntax_error(
+                &e,
+                text,
+                &origin_text,
+            )]))
+        }
+    };
+    // One-of choices that serde would settle silently by taking the first key.
+    let ambiguous = one_of_choices(&table, &origin_text);
+    if !ambiguous.is_empty() {
+        return Err(ConfigErrors(ambiguous));
     }
     // No defaults provider: keys the file leaves out take the `Default` impls in `raw` through
     // `#[serde(default)]`, so those impls are the built-in layer.

@@ -115,6 +115,20 @@ impl CertificateAuthority {
         }
     }
 
+    /// What `check` reports, without creating anything: `true` when both files exist and hold
+    /// a usable CA, `false` when neither exists (generated at first start), an error for one
+    /// without the other or a CA that does not load — what `run` would refuse.
+    pub fn inspect(cert: &Path, key: &Path) -> Result<bool, TlsError> {
+        match (cert.exists(), key.exists()) {
+            (false, false) => Ok(false),
+            (true, true) => Self::load_or_create(cert, key).map(|_| true),
+            _ => Err(TlsError::HalfCa {
+                cert: cert.to_path_buf(),
+                key: key.to_path_buf(),
+            }),
+        }
+    }
+
     /// The CA certificate, PEM (what clients must trust).
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
