@@ -308,15 +308,20 @@ struct Observed {
 }
 
 impl Observed {
-    fn finish(&mut self, error: Option<String>) {
+    /// Writes the record once. `error` is what cut the response short; it counts as an upstream
+    /// reset only when the upstream's body failed (`upstream_fault`), not when the client went
+    /// away — a client hanging up is not an upstream error and must not feed its alert.
+    fn finish(&mut self, error: Option<String>, upstream_fault: bool) {
         if let Some((mut record, telemetry)) = self.pending.take() {
             if let Some(e) = error {
                 record.event.error.get_or_insert(e);
-                telemetry
-                    .metrics
-                    .upstream_errors
-                    .with_label_values(&["reset"])
-                    .inc();
+                if upstream_fault {
+                    telemetry
+                        .metrics
+                        .upstream_errors
+                        .with_label_values(&["reset"])
+                        .inc();
+                }
             }
             record.close(&telemetry, self.bytes);
         }
@@ -338,14 +343,14 @@ impl HttpBody for Observed {
                     self.bytes += data.len() as u64;
                 }
                 if self.inner.is_end_stream() {
-                    self.finish(None);
+                    self.finish(None, false);
                 }
             }
             Poll::Ready(Some(Err(e))) => {
                 let message = format!("response body: {e}");
-                self.finish(Some(message));
+                self.finish(Some(message), true);
             }
-            Poll::Ready(None) => self.finish(None),
+            Poll::Ready(None) => self.finish(None, false),
             Poll::Pending => {}
         }
         polled
@@ -365,6 +370,7 @@ impl Drop for Observed {
         let incomplete = !self.inner.is_end_stream();
         self.finish(
             incomplete.then(|| "the client went away before the response ended".to_owned()),
+            false,
         );
     }
 }
