@@ -117,7 +117,17 @@ pub(super) fn credentials(
                 credentials.insert(name.clone(), c);
             }
             Ok(None) => {}
-            Err(e) => p.add(format!("credentials.{name}.{sub}"), e.to_string()),
+            Err(e) => {
+                // The key the error is about: the header name, the prefix or the username where
+                // those are wrong, else the secret source.
+                use crate::credentials::CredentialError as E;
+                let key = match &e {
+                    E::HeaderName(_) => "header.name",
+                    E::NotHeaderSafe(key) => key,
+                    _ => sub,
+                };
+                p.add(format!("credentials.{name}.{key}"), e.to_string())
+            }
         }
     }
     Validated {

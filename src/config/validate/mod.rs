@@ -179,7 +179,7 @@ clients = ["ci"]
         assert_eq!(
             keys,
             [
-                "credentials.bad.header.value",
+                "credentials.bad.header.name",
                 "clients[1].name",
                 "hosts[1].host"
             ],
