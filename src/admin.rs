@@ -23,6 +23,8 @@ pub struct Admin {
     pub ca_pem: Arc<str>,
     /// Cancelled when shutdown begins: `/readyz` answers 503 from then on.
     pub draining: CancellationToken,
+    /// The signing public key, when `[signing]` is configured (`/signature/…`).
+    pub signing: crate::signing::Published,
 }
 
 /// Serves the admin listener until `stop` is cancelled.
@@ -84,6 +86,21 @@ fn route(state: &Admin, req: &Request<Incoming>) -> Response<Body> {
             );
             response
         }
+        "/signature/public-key" | "/signature/jwks.json" => match state.signing.load_full() {
+            None => text(StatusCode::NOT_FOUND, "request signing is not configured\n"),
+            Some(key) => {
+                let (body, content_type) = match req.uri().path() {
+                    "/signature/public-key" => (key.pem.clone(), "application/x-pem-file"),
+                    _ => (key.jwks.clone(), "application/jwk-set+json"),
+                };
+                let mut response = Response::new(body::full(body));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    http::HeaderValue::from_static(content_type),
+                );
+                response
+            }
+        },
         "/ca.pem" => {
             let pem = state.ca_pem.to_string();
             let mut response = Response::new(body::full(pem));

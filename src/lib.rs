@@ -19,5 +19,6 @@ pub mod learn;
 pub mod net;
 pub mod policy;
 pub mod proxy;
+pub mod signing;
 pub mod telemetry;
 pub mod tls;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need beyond cargo, when it is missing: the curl and git binaries and
-# Python with requests, PyJWT and boto3 (real clients and independent verifiers the integration
-# tests drive; tests/env.rs fails without requests), iproute2's `ip` (tests/hostile.rs sets up interfaces in a network namespace of its
+# Python with requests, PyJWT, boto3 and http-message-signatures (real clients and independent
+# verifiers the integration tests drive; tests/env.rs fails without requests), iproute2's `ip` (tests/hostile.rs sets up interfaces in a network namespace of its
 # own, when run as root) and promtool (CI checks the scraped metrics and the alert rules with it;
 # optional). Debian/Ubuntu, as root or through sudo.
 set -euo pipefail
@@ -22,7 +22,9 @@ command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || need+=(nftables)
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || need+=(iproute2)
 want_promtool=0
 command -v promtool >/dev/null 2>&1 || want_promtool=1
-if [ "${#need[@]}" -eq 0 ] && [ "$want_promtool" = 0 ]; then
+want_pip=0
+python3 -c "import http_message_signatures" >/dev/null 2>&1 || want_pip=1
+if [ "${#need[@]}" -eq 0 ] && [ "$want_promtool" = 0 ] && [ "$want_pip" = 0 ]; then
   exit 0
 fi
 sudo=""
@@ -50,4 +52,10 @@ fi
 if ! python3 -c "import boto3" >/dev/null 2>&1; then
   python3 -m pip install -q boto3 ||
     { echo "python3 on PATH ($(command -v python3)) cannot import boto3: install boto3 for it" >&2; exit 1; }
+fi
+if ! python3 -c "import http_message_signatures" >/dev/null 2>&1; then
+  # The RFC 9421 verifier of tests/signing.rs (not packaged by Debian).
+  python3 -m pip install -q http-message-signatures ||
+    python3 -m pip install -q --break-system-packages http-message-signatures ||
+    { echo "python3 on PATH ($(command -v python3)) cannot import http_message_signatures: install it for that Python" >&2; exit 1; }
 fi

@@ -115,6 +115,17 @@ pub struct Client {
     pub oidc: Option<OidcClient>,
 }
 
+/// `[signing]`, validated: the key path resolved against the config folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SigningSettings {
+    /// The Ed25519 key file (generated when missing).
+    pub key: PathBuf,
+    /// `keyid` / JWKS `kid`.
+    pub key_id: String,
+    /// The largest body signed (its `Content-Digest` needs it whole).
+    pub max_body_bytes: usize,
+}
+
 /// A client identified by its CI's OIDC token: which tokens it accepts.
 #[derive(Debug, Clone)]
 pub struct OidcClient {
@@ -199,6 +210,8 @@ pub struct Config {
     pub clients: Vec<Client>,
     /// Secret files to watch for rotation.
     pub secret_files: Vec<PathBuf>,
+    /// `[signing]`, when present.
+    pub signing: Option<SigningSettings>,
     /// Non-fatal findings (`check` prints them, `run` logs them).
     pub warnings: Vec<String>,
 }

@@ -32,7 +32,7 @@ use figment::Figment;
 pub use error::{ConfigError, ConfigErrors};
 pub use frozen::{
     AuditOutput, AuditSettings, ClaimPattern, Client, Config, Limits, Listen, OidcClient, Origin,
-    TlsSettings, UnresolvedConfig,
+    SigningSettings, TlsSettings, UnresolvedConfig,
 };
 pub use raw::{
     RawAudit, RawClient, RawConfig, RawHostRule, RawLimits, RawListen, RawNetwork, RawPolicy,

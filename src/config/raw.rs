@@ -37,6 +37,30 @@ pub struct RawConfig {
     pub hosts: Vec<RawHostRule>,
     /// `[[clients]]`
     pub clients: Vec<RawClient>,
+    /// `[signing]` (spec §12): present = requests of `sign = true` rules are signed.
+    pub signing: Option<RawSigning>,
+}
+
+/// `[signing]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSigning {
+    /// Ed25519 private key, PKCS#8 PEM; generated (mode 0600) when missing.
+    pub key: PathBuf,
+    /// `keyid` of the signatures and `kid` of the JWKS.
+    pub key_id: String,
+    /// Bodies up to this are buffered for `Content-Digest`; above: 413.
+    pub max_body_bytes: usize,
+}
+
+impl Default for RawSigning {
+    fn default() -> Self {
+        Self {
+            key: PathBuf::from("state/signing-key.pem"),
+            key_id: "portcullis".into(),
+            max_body_bytes: 1024 * 1024,
+        }
+    }
 }
 
 /// `[listen]`
@@ -216,6 +240,9 @@ pub struct RawHostRule {
     /// Allow injecting over plain http.
     #[serde(default)]
     pub plaintext_credentials: bool,
+    /// Sign what this rule lets through (spec §12).
+    #[serde(default)]
+    pub sign: bool,
 }
 
 /// A `[[clients]]` entry as written.

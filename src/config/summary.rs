@@ -60,6 +60,9 @@ impl Config {
             if let Some(c) = &r.clients {
                 line.push_str(&format!(" clients={}", c.join(",")));
             }
+            if r.sign {
+                line.push_str(" signed");
+            }
             push(&mut out, line);
         }
         // Static, minted and signing credentials alike, by name.
@@ -116,6 +119,16 @@ impl Config {
                     );
                 }
             }
+        }
+        if let Some(s) = &self.signing {
+            let state = match s.key.exists() {
+                true => "",
+                false => " (missing: generated at first start)",
+            };
+            push(
+                &mut out,
+                format!("signing key: {} keyid={}{state}", s.key.display(), s.key_id),
+            );
         }
         for w in &self.warnings {
             push(&mut out, format!("warning: {w}"));

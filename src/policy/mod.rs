@@ -61,6 +61,8 @@ pub struct Rule {
     pub paths: Option<GlobSet>,
     /// The `paths` globs as written (for `check`).
     pub path_globs: Vec<String>,
+    /// Whether requests this rule allows are signed (spec §12).
+    pub sign: bool,
     /// Clients this rule applies to; `None` = every client.
     pub clients: Option<Vec<String>>,
     /// Credential injected for requests this rule allows.
@@ -77,8 +79,12 @@ impl Rule {
         match self.intercept {
             Intercept::Always => true,
             Intercept::Never => false,
+            // Signing (spec §12) needs the requests, as a credential, methods or paths do.
             Intercept::Auto => {
-                self.credential.is_some() || self.methods.is_some() || self.paths.is_some()
+                self.credential.is_some()
+                    || self.methods.is_some()
+                    || self.paths.is_some()
+                    || self.sign
             }
         }
     }
@@ -286,6 +292,7 @@ mod tests {
             intercept: Intercept::Auto,
             plaintext_credentials: false,
             path_globs: Vec::new(),
+            sign: false,
         }
     }
 

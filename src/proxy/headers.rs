@@ -50,6 +50,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// What every relayed request gets: no hop-by-hop headers, our `Via`.
 pub fn prepare_request_headers(headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
+    // The proxy's own header (spec §12): only the proxy says which client sent a request.
+    headers.remove("portcullis-client");
     headers.append(header::VIA, VIA_VALUE);
 }
 

@@ -63,6 +63,9 @@ pub enum ServerError {
     /// The CA or the upstream TLS configuration could not be set up.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The signing key could not be loaded or generated.
+    #[error(transparent)]
+    Signing(#[from] crate::signing::SigningError),
     /// The supervisor task failed.
     #[error("proxy task failed: {0}")]
     Task(String),
@@ -163,7 +166,10 @@ pub async fn start(config: Config) -> Result<ProxyHandle, ServerError> {
     let grace = config.limits.shutdown_grace;
     let metrics = Metrics::new()?;
     let audit = AuditSink::start(&config.audit.output, metrics.audit_dropped.clone())?;
-    let snapshot = Snapshot::build(config, own.clone())?;
+    let snapshot = Snapshot::build(config, own.clone()).map_err(|e| match e {
+        state::BuildError::Tls(e) => ServerError::Tls(e),
+        state::BuildError::Signing(e) => ServerError::Signing(e),
+    })?;
     let telemetry = Arc::new(Telemetry {
         audit,
         metrics: metrics.clone(),
@@ -183,6 +189,7 @@ pub async fn start(config: Config) -> Result<ProxyHandle, ServerError> {
         metrics,
         ca_pem,
         draining: state.drain.clone(),
+        signing: state.published_key.clone(),
     };
     let reloader = Arc::new(Reloader::new(state.clone()));
     match transparent_addr {

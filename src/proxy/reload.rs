@@ -31,6 +31,18 @@ pub enum ReloadError {
     /// Its TLS settings cannot be built.
     #[error("{0}")]
     Tls(#[from] crate::tls::TlsError),
+    /// Its signing key cannot be loaded.
+    #[error("{0}")]
+    Signing(#[from] crate::signing::SigningError),
+}
+
+impl From<super::state::BuildError> for ReloadError {
+    fn from(e: super::state::BuildError) -> Self {
+        match e {
+            super::state::BuildError::Tls(e) => Self::Tls(e),
+            super::state::BuildError::Signing(e) => Self::Signing(e),
+        }
+    }
 }
 
 fn config_path(origin: &Origin) -> Option<&Path> {
@@ -215,5 +227,7 @@ fn watched(config: &Config) -> Vec<PathBuf> {
         .collect();
     paths.extend(config.secret_files.iter().cloned());
     paths.extend(config.tls.extra_upstream_ca.iter().cloned());
+    // A replaced signing key is picked up like a changed config.
+    paths.extend(config.signing.iter().map(|s| s.key.clone()));
     paths
 }

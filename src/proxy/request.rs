@@ -186,6 +186,16 @@ pub async fn handle(
             return Err(err);
         }
     };
+    if let (Some(signer), Some(rule)) = (&snap.signer, rule) {
+        if rule.sign {
+            let signed = sign(snap, signer, identity, &mut parts, &mut client_body).await;
+            if let Err(err) = signed {
+                client_body.discard().await;
+                return Err(err);
+            }
+            record.event.signed = true;
+        }
+    }
     let echoes = injected.and_then(|i| i.echoes().cloned());
     if echoes.is_some() {
         // Echoes are masked in the bytes as they come: a compressed body would hide them.
@@ -386,6 +396,78 @@ async fn apply_credential<'s>(
         .with_label_values(&[&**injected.name()])
         .inc();
     Ok(Some(injected))
+}
+
+/// Signs the request (spec §12), after its credential: `Portcullis-Client`, `Content-Digest` for
+/// a body (read whole, up to `signing.max_body_bytes`, else 413), `Signature-Input` and
+/// `Signature`; client-sent ones of these are replaced.
+async fn sign(
+    snap: &Snapshot,
+    signer: &crate::signing::Signer,
+    identity: &Identity,
+    parts: &mut Parts,
+    client_body: &mut ClientBody,
+) -> Result<(), ProxyError> {
+    use crate::signing::{content_digest, Message};
+    for name in ["signature", "signature-input", "content-digest"] {
+        parts.headers.remove(name);
+    }
+    let client = header::HeaderValue::from_str(&identity.name)
+        .map_err(|_| ProxyError::Internal("the client name is not a header value".into()))?;
+    parts.headers.insert("portcullis-client", client);
+    let digest = match http_body::Body::is_end_stream(client_body) {
+        true => None,
+        false => {
+            let limit = snap.config.signing.as_ref().map_or(0, |s| s.max_body_bytes);
+            let body = client_body
+                .read_whole(limit, "a signed Content-Digest")
+                .await?;
+            (!body.is_empty()).then(|| content_digest(&body))
+        }
+    };
+    if let Some(digest) = &digest {
+        let value = header::HeaderValue::from_str(digest)
+            .map_err(|_| ProxyError::Internal("content digest".into()))?;
+        parts.headers.insert("content-digest", value);
+    }
+    let uri = &parts.uri;
+    let host = uri.host().unwrap_or_default().to_ascii_lowercase();
+    let default_port = match uri.scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    };
+    let authority = match uri.port_u16() {
+        Some(port) if port != default_port => format!("{host}:{port}"),
+        _ => host,
+    };
+    let path = match uri.path() {
+        "" => "/",
+        path => path,
+    };
+    let query = format!("?{}", uri.query().unwrap_or(""));
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let message = Message {
+        method: parts.method.as_str(),
+        authority: &authority,
+        path,
+        query: &query,
+        client: &identity.name,
+        content_digest: digest.as_deref(),
+    };
+    let signed = signer
+        .sign(&message, created)
+        .map_err(|e| ProxyError::Internal(e.to_string()))?;
+    for (name, value) in [
+        ("signature-input", signed.input),
+        ("signature", signed.signature),
+    ] {
+        let value = header::HeaderValue::from_str(&value)
+            .map_err(|_| ProxyError::Internal("signature header".into()))?;
+        parts.headers.insert(name, value);
+    }
+    Ok(())
 }
 
 /// The credential a request carries: a snapshot's static one, a minted token, or a signer.

@@ -19,6 +19,7 @@ use super::upstream::Upstreams;
 use crate::config::Config;
 use crate::identity::Clients;
 use crate::net::{Dialer, Own};
+use crate::signing::Signer;
 use crate::telemetry::{Masker, Telemetry};
 use crate::tls::{self, Interceptor, TlsError};
 
@@ -36,14 +37,38 @@ pub struct Snapshot {
     pub clients: Clients,
     /// Whether any rule restricts paths (else request paths are never judged).
     pub path_rules: bool,
+    /// The signing key, when `[signing]` is configured (spec §12).
+    pub signer: Option<Arc<Signer>>,
+}
+
+/// Building a snapshot's runtime objects failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The upstream TLS settings.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The signing key.
+    #[error(transparent)]
+    Signing(#[from] crate::signing::SigningError),
 }
 
 impl Snapshot {
     /// Builds the runtime objects of `config`.
-    pub fn build(config: Config, own: Own) -> Result<Self, TlsError> {
+    pub fn build(config: Config, own: Own) -> Result<Self, BuildError> {
         let dialer = Dialer::new(config.network.clone(), own, config.limits.connect_timeout);
         let upstream_tls = tls::upstream_client_config(&config.tls)?;
+        let signer = match &config.signing {
+            Some(s) => {
+                let (signer, created) = Signer::load_or_create(&s.key, &s.key_id)?;
+                if created {
+                    tracing::info!(key = %s.key.display(), "generated a new signing key: receivers verify with /signature/jwks.json");
+                }
+                Some(Arc::new(signer))
+            }
+            None => None,
+        };
         Ok(Self {
+            signer,
             masker: Arc::new(Masker::new(&config)),
             clients: Clients::new(&config),
             path_rules: config.rules.iter().any(|r| r.paths.is_some()),
@@ -82,6 +107,8 @@ pub struct State {
     pub tokens: TokenCache,
     /// OIDC issuers' keys (kept across reloads).
     pub issuer_keys: KeyCache,
+    /// The signing public key the admin listener serves (follows the snapshot).
+    pub published_key: crate::signing::Published,
     connections: Arc<Semaphore>,
 }
 
@@ -95,7 +122,10 @@ impl State {
         max_connections: usize,
     ) -> Self {
         snapshot.export_at_zero(&telemetry.metrics);
+        let published_key = crate::signing::Published::default();
+        published_key.store(snapshot.signer.as_ref().map(|s| Arc::new(s.published())));
         Self {
+            published_key,
             tokens: TokenCache::default(),
             issuer_keys: KeyCache::default(),
             snapshot: ArcSwap::from_pointee(snapshot),
@@ -118,6 +148,8 @@ impl State {
     pub fn swap(&self, snapshot: Snapshot) {
         snapshot.export_at_zero(&self.telemetry.metrics);
         self.tokens.retain(&snapshot.config.minted);
+        self.published_key
+            .store(snapshot.signer.as_ref().map(|s| Arc::new(s.published())));
         self.snapshot.store(Arc::new(snapshot));
     }
 

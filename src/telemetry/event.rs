@@ -85,6 +85,8 @@ pub struct Event {
     pub intercepted: bool,
     /// Whether the connection came through the transparent listener (spec §11).
     pub transparent: bool,
+    /// Whether the request was signed (spec §12).
+    pub signed: bool,
     /// Response status (null for tunnels that never got one).
     pub status: Option<u16>,
     /// Request body bytes (tunnels: client → upstream).
@@ -152,7 +154,7 @@ impl<'a> Serialize for EventLine<'a> {
                 .filter(|_| log_headers)
                 .map(|map| masker.headers(map))
         };
-        let mut out = serializer.serialize_struct("Event", 26)?;
+        let mut out = serializer.serialize_struct("Event", 27)?;
         out.serialize_field("ts", &Display(Timestamp(e.ts)))?;
         out.serialize_field("id", &format_args!("{:016x}", e.id))?;
         out.serialize_field("kind", &e.kind)?;
@@ -177,6 +179,7 @@ impl<'a> Serialize for EventLine<'a> {
         out.serialize_field("credential", &e.credential.as_deref())?;
         out.serialize_field("intercepted", &e.intercepted)?;
         out.serialize_field("transparent", &e.transparent)?;
+        out.serialize_field("signed", &e.signed)?;
         out.serialize_field("status", &e.status)?;
         out.serialize_field("bytes_sent", &e.bytes_sent)?;
         out.serialize_field("bytes_received", &e.bytes_received)?;
@@ -266,6 +269,7 @@ mod tests {
             credential: Some(Arc::from("github")),
             intercepted: true,
             transparent: false,
+            signed: false,
             status: Some(200),
             bytes_sent: 0,
             bytes_received: 4567,
@@ -282,7 +286,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             line,
-            r#"{"ts":"1970-01-01T00:00:00.000000Z","id":"0000a1b2c3d4e5f6","kind":"request","client":"frontend","subject":null,"peer":"10.1.2.3:51234","method":"GET","scheme":"https","host":"api.github.com","port":443,"path":"/repos/o/r","query":"per_page=100&token=<HIDDEN>","decision":"allow","reason":null,"rule":"api.github.com","credential":"github","intercepted":true,"transparent":false,"status":200,"bytes_sent":0,"bytes_received":4567,"duration_ms":12.3,"upstream_addr":"140.82.112.6:443","request_headers":{"authorization":"<HIDDEN>","user-agent":"git/2.47"},"response_headers":null,"error":null}"#
+            r#"{"ts":"1970-01-01T00:00:00.000000Z","id":"0000a1b2c3d4e5f6","kind":"request","client":"frontend","subject":null,"peer":"10.1.2.3:51234","method":"GET","scheme":"https","host":"api.github.com","port":443,"path":"/repos/o/r","query":"per_page=100&token=<HIDDEN>","decision":"allow","reason":null,"rule":"api.github.com","credential":"github","intercepted":true,"transparent":false,"signed":false,"status":200,"bytes_sent":0,"bytes_received":4567,"duration_ms":12.3,"upstream_addr":"140.82.112.6:443","request_headers":{"authorization":"<HIDDEN>","user-agent":"git/2.47"},"response_headers":null,"error":null}"#
         );
         let quiet = parse(
             "[audit]\nlog_headers = false\n",

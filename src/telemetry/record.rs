@@ -66,6 +66,7 @@ impl Record {
                 credential: None,
                 intercepted: false,
                 transparent: false,
+                signed: false,
                 status: None,
                 bytes_sent: 0,
                 bytes_received: 0,

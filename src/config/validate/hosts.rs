@@ -99,6 +99,7 @@ pub(super) fn hosts(
                 intercept: h.intercept,
                 plaintext_credentials: h.plaintext_credentials,
                 path_globs: h.paths.clone().unwrap_or_default(),
+                sign: h.sign,
             });
         }
     }

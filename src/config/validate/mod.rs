@@ -20,7 +20,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::config::error::Problems;
-use crate::config::frozen::{Config, Origin, TlsSettings};
+use crate::config::frozen::{Config, Origin, SigningSettings, TlsSettings};
 use crate::config::raw::{RawConfig, RawTls};
 use crate::config::validate::audit::audit;
 use crate::config::validate::clients::clients;
@@ -72,6 +72,35 @@ pub(super) fn validate(
         &mut warnings,
     );
     let audit = audit(&raw.audit, base, &mut p);
+    let signing = raw.signing.as_ref().map(|s| SigningSettings {
+        key: base.join(&s.key),
+        key_id: s.key_id.clone(),
+        max_body_bytes: s.max_body_bytes,
+    });
+    if let Some(s) = &raw.signing {
+        // keyid is a structured-field string: printable ASCII; kept simple for receivers.
+        let printable = s
+            .key_id
+            .bytes()
+            .all(|b| (0x21..0x7f).contains(&b) && b != b'"' && b != b'\\');
+        if s.key_id.is_empty() || !printable {
+            p.add(
+                "signing.key_id",
+                "must be non-empty printable ASCII without quotes or backslashes",
+            );
+        }
+        if s.max_body_bytes == 0 {
+            p.add("signing.max_body_bytes", "must be at least 1");
+        }
+    }
+    for (i, h) in raw.hosts.iter().enumerate() {
+        if h.sign && raw.signing.is_none() {
+            p.add(
+                format!("hosts[{i}].sign"),
+                "needs a [signing] section (the key to sign with)",
+            );
+        }
+    }
     p.into_result()?;
 
     Ok(Config {
@@ -89,6 +118,7 @@ pub(super) fn validate(
         rules,
         clients,
         secret_files,
+        signing,
         warnings,
     })
 }
