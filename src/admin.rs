@@ -91,7 +91,7 @@ fn route(state: &Admin, req: &Request<Incoming>) -> Response<Body> {
             Some(key) => {
                 let (body, content_type) = match req.uri().path() {
                     "/signature/public-key" => (key.pem.clone(), "application/x-pem-file"),
-                    _ => (key.jwks.clone(), "application/jwk-set+json"),
+                    _ => (key.jwks(), "application/jwk-set+json"),
                 };
                 let mut response = Response::new(body::full(body));
                 response.headers_mut().insert(

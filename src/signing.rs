@@ -53,13 +53,53 @@ impl std::fmt::Debug for Signer {
     }
 }
 
-/// The public key as the admin listener serves it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The public key as the admin listener serves it, with the keys it replaced while their
+/// rotation overlap lasts (receivers holding a signature made just before a rotation can still
+/// verify it).
+#[derive(Debug, Clone, PartialEq)]
 pub struct PublishedKey {
-    /// `/signature/public-key`: SPKI PEM.
+    /// `/signature/public-key`: SPKI PEM of the current key.
     pub pem: String,
-    /// `/signature/jwks.json`.
-    pub jwks: String,
+    /// The current key's JWK.
+    pub jwk: serde_json::Value,
+    /// Replaced keys' JWKs, each until its overlap ends.
+    pub previous: Vec<(serde_json::Value, std::time::Instant)>,
+}
+
+impl PublishedKey {
+    /// `/signature/jwks.json`: the current key, then the previous ones still in their overlap.
+    pub fn jwks(&self) -> String {
+        let now = std::time::Instant::now();
+        let keys: Vec<&serde_json::Value> = std::iter::once(&self.jwk)
+            .chain(
+                self.previous
+                    .iter()
+                    .filter(|(_, until)| *until > now)
+                    .map(|(k, _)| k),
+            )
+            .collect();
+        serde_json::json!({ "keys": keys }).to_string()
+    }
+
+    /// What to publish after a reload: `next`, and — when the key changed — the key it
+    /// replaces for `overlap`, besides earlier keys still in theirs.
+    pub fn rotated(&self, next: PublishedKey, overlap: std::time::Duration) -> PublishedKey {
+        if next.jwk == self.jwk {
+            return PublishedKey {
+                previous: self.previous.clone(),
+                ..next
+            };
+        }
+        let now = std::time::Instant::now();
+        let mut previous: Vec<_> = self
+            .previous
+            .iter()
+            .filter(|(k, until)| *until > now && *k != next.jwk)
+            .cloned()
+            .collect();
+        previous.push((self.jwk.clone(), now + overlap));
+        PublishedKey { previous, ..next }
+    }
 }
 
 /// The key the admin listener publishes; swapped with each configuration snapshot.
@@ -103,6 +143,14 @@ fn pem(label: &str, der: &[u8]) -> String {
 }
 
 impl Signer {
+    /// Loads the key at `path`; `None` when there is no file (nothing is generated).
+    pub fn load(path: &Path, key_id: &str) -> Result<Option<Self>, SigningError> {
+        match path.exists() {
+            true => Self::load_or_create(path, key_id).map(|(s, _)| Some(s)),
+            false => Ok(None),
+        }
+    }
+
     /// Loads the key at `path`, or generates one there (parent folders created, mode 0600)
     /// when the file is missing. Returns whether it was generated.
     pub fn load_or_create(path: &Path, key_id: &str) -> Result<(Self, bool), SigningError> {
@@ -138,11 +186,12 @@ impl Signer {
         ))
     }
 
-    /// The public key, as published.
+    /// The public key, as published (no previous key yet).
     pub fn published(&self) -> PublishedKey {
         PublishedKey {
             pem: self.public_key_pem(),
-            jwks: self.jwks(),
+            jwk: self.jwk(),
+            previous: Vec::new(),
         }
     }
 
@@ -158,13 +207,15 @@ impl Signer {
         pem("PUBLIC KEY", &der)
     }
 
-    /// The public key as a JWKS (one OKP key with its `kid`).
-    pub fn jwks(&self) -> String {
+    /// The public key as a JWK (OKP, Ed25519, with its `kid`).
+    pub fn jwk(&self) -> serde_json::Value {
         let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(self.pair.public_key());
-        serde_json::json!({
-            "keys": [{"kty": "OKP", "crv": "Ed25519", "x": x, "kid": self.key_id, "alg": "EdDSA", "use": "sig"}]
-        })
-        .to_string()
+        serde_json::json!({"kty": "OKP", "crv": "Ed25519", "x": x, "kid": self.key_id, "alg": "EdDSA", "use": "sig"})
+    }
+
+    /// The public key as a JWKS of one key.
+    pub fn jwks(&self) -> String {
+        self.published().jwks()
     }
 
     /// Signs `message` at `created` (Unix seconds).

@@ -16,6 +16,11 @@ use std::time::Duration;
 
 use common::*;
 
+/// `GET http://ADMIN{path}`, directly: the body.
+async fn admin_get(admin: std::net::SocketAddr, path: &str) -> String {
+    scrape_path(&format!("http://{admin}"), path).await
+}
+
 fn support(file: &str) -> String {
     format!("{}/tests/support/{file}", env!("CARGO_MANIFEST_DIR"))
 }
@@ -159,28 +164,11 @@ async fn requests_are_signed_verifiably_and_tampering_fails() {
     std::fs::write(dir.path().join("upstream-ca.pem"), &ca).unwrap();
     let proxy = start_proxy_in(dir, &config(plain.port, tls.port, 64 * 1024)).await;
     // The published key, where the receiver reads it.
-    let admin = reqwest::Client::builder().no_proxy().build().unwrap();
-    let public = admin
-        .get(format!("http://{}/signature/public-key", proxy.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let public = admin_get(proxy.admin, "/signature/public-key").await;
     assert!(public.starts_with("-----BEGIN PUBLIC KEY-----"), "{public}");
     std::fs::write(&key_file, &public).unwrap();
-    let jwks: serde_json::Value = serde_json::from_str(
-        &admin
-            .get(format!("http://{}/signature/jwks.json", proxy.admin))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let jwks: serde_json::Value =
+        serde_json::from_str(&admin_get(proxy.admin, "/signature/jwks.json").await).unwrap();
     assert_eq!(jwks["keys"][0]["kid"], "portcullis-test");
     assert_eq!(jwks["keys"][0]["crv"], "Ed25519");
 
@@ -317,15 +305,7 @@ fn the_key_survives_a_restart_and_reaches_no_output() {
             .build()
             .unwrap();
         let (jwks, metrics) = rt.block_on(async {
-            let admin = reqwest::Client::builder().no_proxy().build().unwrap();
-            let jwks = admin
-                .get(format!("{}/signature/jwks.json", running.admin))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let jwks = scrape_path(&running.admin, "/signature/jwks.json").await;
             (jwks, running.metrics().await)
         });
         // Debug logging is on, but an idle proxy may log nothing at that level: plain stop.
@@ -346,4 +326,53 @@ fn the_key_survives_a_restart_and_reaches_no_output() {
     }
     let body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
     out.assert_free_of(&[body.as_str()], &metrics, &[first]);
+}
+
+/// A new key is picked up on reload; the JWKS keeps the replaced one for the rotation overlap,
+/// then drops it. `portcullis signing show` prints what the admin listener serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_key_is_published_beside_the_old_one_for_the_overlap() {
+    let body = |key_id: &str| {
+        format!("[signing]\nkey = \"keys/{key_id}.pem\"\nkey_id = \"{key_id}\"\nrotation_overlap_seconds = 2\n")
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // The file the proxy runs from (start_proxy_in writes it there).
+    let config_path = dir.path().join("portcullis.toml");
+    let proxy = start_proxy_in(dir, &body("k1")).await;
+    let kids = || async {
+        let text = admin_get(proxy.admin, "/signature/jwks.json").await;
+        let jwks: serde_json::Value = serde_json::from_str(&text).unwrap();
+        jwks["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(kids().await, ["k1"]);
+    // `signing show` reads the same key (the test's config file names it relative to its folder).
+    let config = config_path.to_str().unwrap();
+    let (code, pem, _) = run_portcullis(&["-c", config, "signing", "show"], &[]);
+    assert_eq!(code, 0);
+    let served = admin_get(proxy.admin, "/signature/public-key").await;
+    assert_eq!(pem, served);
+    let (_, jwks, _) = run_portcullis(&["-c", config, "signing", "show", "--jwks"], &[]);
+    assert!(jwks.contains("\"kid\":\"k1\""), "{jwks}");
+
+    // Rotate: a new key (and key id) on reload.
+    let text = std::fs::read_to_string(&config_path).unwrap();
+    std::fs::write(&config_path, text.replace("k1", "k2")).unwrap();
+    tokio::task::block_in_place(|| proxy.handle.reload()).unwrap();
+    assert_eq!(
+        kids().await,
+        ["k2", "k1"],
+        "the replaced key is kept for the overlap"
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(kids().await, ["k2"], "and dropped after it");
+    // Without [signing]: a clear error.
+    std::fs::write(&config_path, "").unwrap();
+    let (code, _, stderr) = run_portcullis(&["-c", config, "signing", "show"], &[]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("no [signing] section"), "{stderr}");
 }

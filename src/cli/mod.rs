@@ -77,11 +77,28 @@ pub enum Command {
     },
     /// List the built-in host presets (`preset = "NAME"` in a [[hosts]] rule) and their hosts.
     Presets,
+    /// The request-signing key (`[signing]`).
+    Signing {
+        /// What to do with it.
+        #[command(subcommand)]
+        action: SigningCommand,
+    },
     /// The interception CA.
     Ca {
         /// What to do with it.
         #[command(subcommand)]
         action: CaCommand,
+    },
+}
+
+/// `portcullis signing …`
+#[derive(Debug, Subcommand)]
+pub enum SigningCommand {
+    /// Print the public half of the signing key in use: SPKI PEM, or a JWKS with `--jwks`.
+    Show {
+        /// Print the JWKS instead of the PEM.
+        #[arg(long)]
+        jwks: bool,
     },
 }
 
@@ -136,6 +153,12 @@ pub enum CliError {
     /// An input file (an audit) could not be read.
     #[error("cannot read {0}: {1}")]
     Input(String, std::io::Error),
+    /// `[signing]` is not configured, or its key file does not exist yet.
+    #[error("{0}")]
+    NoSigningKey(String),
+    /// The signing key could not be read.
+    #[error(transparent)]
+    Signing(#[from] crate::signing::SigningError),
     /// An audit line is not an event.
     #[error(transparent)]
     Audit(#[from] learn::BadLine),
@@ -231,6 +254,26 @@ pub fn execute(cli: Cli) -> Result<ExitCode, CliError> {
             };
             let events = learn::read_events(&read_input(audit.as_deref())?)?;
             out(&learn::learn(&events, config.as_ref(), client.as_deref()))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Signing {
+            action: SigningCommand::Show { jwks },
+        } => {
+            let config = config::load_unresolved(cli.config.as_deref())?;
+            let settings = config.signing().ok_or_else(|| {
+                CliError::NoSigningKey("no [signing] section in the configuration".into())
+            })?;
+            let signer = crate::signing::Signer::load(&settings.key, &settings.key_id)?
+                .ok_or_else(|| {
+                    CliError::NoSigningKey(format!(
+                        "no signing key at {}: start the proxy once to generate it",
+                        settings.key.display()
+                    ))
+                })?;
+            out(&match jwks {
+                true => format!("{}\n", signer.jwks()),
+                false => signer.public_key_pem(),
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Presets => {

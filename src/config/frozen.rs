@@ -124,6 +124,8 @@ pub struct SigningSettings {
     pub key_id: String,
     /// The largest body signed (its `Content-Digest` needs it whole).
     pub max_body_bytes: usize,
+    /// How long a replaced key stays in the JWKS.
+    pub rotation_overlap: Duration,
 }
 
 /// A client identified by its CI's OIDC token: which tokens it accepts.
@@ -242,6 +244,11 @@ impl UnresolvedConfig {
     /// TLS settings (the CA's paths).
     pub fn tls(&self) -> &TlsSettings {
         &self.0.tls
+    }
+
+    /// `[signing]`, when present.
+    pub fn signing(&self) -> Option<&SigningSettings> {
+        self.0.signing.as_ref()
     }
 
     /// Names of the configured clients (none: every connection is `anonymous`).

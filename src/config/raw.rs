@@ -51,6 +51,9 @@ pub struct RawSigning {
     pub key_id: String,
     /// Bodies up to this are buffered for `Content-Digest`; above: 413.
     pub max_body_bytes: usize,
+    /// After a key change (picked up on reload), the JWKS keeps serving the replaced key this
+    /// long, so receivers do not fail mid-rotation.
+    pub rotation_overlap_seconds: u64,
 }
 
 impl Default for RawSigning {
@@ -59,6 +62,7 @@ impl Default for RawSigning {
             key: PathBuf::from("state/signing-key.pem"),
             key_id: "portcullis".into(),
             max_body_bytes: 1024 * 1024,
+            rotation_overlap_seconds: 3600,
         }
     }
 }

@@ -9,6 +9,7 @@
 //! Shutdown (§9): stop accepting, report not-ready, let in-flight requests and tunnels finish for
 //! up to `shutdown_grace_seconds`, then cut what is left.
 
+mod client_body;
 mod connect;
 mod dispatch;
 mod headers;

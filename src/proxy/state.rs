@@ -148,8 +148,19 @@ impl State {
     pub fn swap(&self, snapshot: Snapshot) {
         snapshot.export_at_zero(&self.telemetry.metrics);
         self.tokens.retain(&snapshot.config.minted);
-        self.published_key
-            .store(snapshot.signer.as_ref().map(|s| Arc::new(s.published())));
+        // A new key is published at once; the one it replaces stays in the JWKS for the
+        // rotation overlap.
+        let next = snapshot.signer.as_ref().map(|s| s.published());
+        let overlap = snapshot
+            .config
+            .signing
+            .as_ref()
+            .map_or(std::time::Duration::ZERO, |s| s.rotation_overlap);
+        let published = match (self.published_key.load_full(), next) {
+            (Some(current), Some(next)) => Some(current.rotated(next, overlap)),
+            (_, next) => next,
+        };
+        self.published_key.store(published.map(Arc::new));
         self.snapshot.store(Arc::new(snapshot));
     }
 

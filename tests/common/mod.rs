@@ -1090,11 +1090,16 @@ pub fn check_config(dir: &Path, body: &str, unset: &[&str]) -> (i32, String, Str
 
 /// `/metrics` of the admin listener at `admin` (`http://host:port`), fetched directly.
 pub async fn scrape(admin: &str) -> String {
+    scrape_path(admin, "/metrics").await
+}
+
+/// `GET {admin}{path}` of the admin listener at `admin` (`http://host:port`), fetched directly.
+pub async fn scrape_path(admin: &str, path: &str) -> String {
     reqwest::Client::builder()
         .no_proxy()
         .build()
         .unwrap()
-        .get(format!("{admin}/metrics"))
+        .get(format!("{admin}{path}"))
         .send()
         .await
         .unwrap()

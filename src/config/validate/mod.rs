@@ -76,6 +76,7 @@ pub(super) fn validate(
         key: base.join(&s.key),
         key_id: s.key_id.clone(),
         max_body_bytes: s.max_body_bytes,
+        rotation_overlap: std::time::Duration::from_secs(s.rotation_overlap_seconds),
     });
     if let Some(s) = &raw.signing {
         // keyid is a structured-field string: printable ASCII; kept simple for receivers.
