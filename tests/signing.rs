@@ -216,6 +216,16 @@ async fn requests_are_signed_verifiably_and_tampering_fails() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "{:?}", tls.seen(1).await);
+    let r = tls_client
+        .get(format!("https://secure.test:{}/v1/status?x=1", tls.port))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{:?}", tls.seen(2).await);
+    let inside = tls.seen(2).await;
+    assert!(inside
+        .iter()
+        .all(|r| r["verified"] == true && r["client"] == "frontend"));
 
     // Tampering: the signed POST as received, changed one way at a time.
     let original = seen[1]["request"].clone();
@@ -274,13 +284,27 @@ async fn requests_are_signed_verifiably_and_tampering_fails() {
         .unwrap();
     assert_eq!(r.status(), 413);
     assert_eq!(plain.seen(3).await.len(), 3);
-    let events = proxy.audit_events(4).await;
-    assert!(events
+    // Six requests: two plain and two intercepted signed ones, one unsigned, one refused.
+    let events = proxy.audit_events(6).await;
+    let signed: Vec<_> = events
         .iter()
-        .any(|e| e["signed"] == true && e["path"] == "/hooks/deploy"));
-    assert!(events
+        .filter(|e| e["host"] != "plain.test")
+        .collect();
+    assert!(
+        signed
+            .iter()
+            .filter(|e| e["kind"] == "request" && e["status"] == 200)
+            .all(|e| e["signed"] == true),
+        "{events:#?}"
+    );
+    let unsigned: Vec<_> = events
         .iter()
-        .any(|e| e["signed"] == false && e["host"] == "plain.test"));
+        .filter(|e| e["host"] == "plain.test")
+        .collect();
+    assert!(
+        !unsigned.is_empty() && unsigned.iter().all(|e| e["signed"] == false),
+        "{events:#?}"
+    );
 }
 
 /// The key is generated once (0600) and kept: a restarted proxy publishes the same JWKS; the key
