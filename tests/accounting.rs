@@ -47,3 +47,28 @@ async fn a_client_hanging_up_mid_response_is_not_an_upstream_error() {
         "a client hang-up is not an upstream reset"
     );
 }
+
+/// A refused CONNECT moved no tunnel bytes: the proxy's 403 is neither in the event's
+/// `bytes_received` nor in `portcullis_tunnel_bytes_total`.
+#[tokio::test]
+async fn a_refused_connect_moves_no_tunnel_bytes() {
+    let proxy = start_proxy("[[hosts]]\nhost = \"allowed.test\"\n").await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let answer = exchange_raw(
+        &mut s,
+        b"CONNECT denied.test:443 HTTP/1.1\r\nHost: denied.test:443\r\n\r\n",
+    )
+    .await;
+    assert_eq!(answer.status, 403);
+    assert!(!answer.body.is_empty(), "the refusal has a body");
+    let events = proxy.audit_events(1).await;
+    assert_eq!(events[0]["kind"], "tunnel");
+    assert_eq!(events[0]["bytes_received"], 0, "{:?}", events[0]);
+    let metrics = proxy.metrics().await;
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("portcullis_tunnel_bytes_total") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}

@@ -147,6 +147,11 @@ impl Reloader {
         if new.limits.max_connections != current.limits.max_connections {
             tracing::warn!("limits.max_connections changed: it takes effect after a restart");
         }
+        if new.limits.shutdown_grace != current.limits.shutdown_grace {
+            tracing::warn!(
+                "limits.shutdown_grace_seconds changed: it takes effect after a restart"
+            );
+        }
         for warning in &new.warnings {
             tracing::warn!("{warning}");
         }

@@ -169,7 +169,10 @@ impl Record {
     fn close(mut self, telemetry: &Telemetry, bytes_received: u64) {
         self.event.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         self.event.bytes_sent = self.request_body.sent();
-        self.event.bytes_received = bytes_received;
+        // A tunnel that never opened (a refused CONNECT) moved nothing: the proxy's own answer is
+        // not tunnel traffic, in the event or in portcullis_tunnel_bytes_total.
+        let opened = self.event.kind == Kind::Request || self.event.status == Some(200);
+        self.event.bytes_received = if opened { bytes_received } else { 0 };
         if answered_early(&self) {
             self.event.error = Some(format!(
                 "the upstream answered before the whole request body was sent ({} bytes sent)",
