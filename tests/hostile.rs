@@ -254,7 +254,6 @@ ports = [{pp}, {ap}]
 const NETNS_ENV: &str = "PORTCULLIS_IN_NETNS";
 const NETNS_TEST: &str =
     "a_listener_on_every_address_is_never_a_destination_in_a_network_namespace";
-const NETNS_DONE: &str = "netns checks passed";
 
 /// A gateway listening on `0.0.0.0` in a network with a trusted client network: a request to the
 /// gateway's own interface address on its listener port is refused (else the proxy would dial
@@ -264,48 +263,10 @@ const NETNS_DONE: &str = "netns checks passed";
 async fn a_listener_on_every_address_is_never_a_destination_in_a_network_namespace() {
     if std::env::var_os(NETNS_ENV).is_some() {
         inside_network_namespace().await;
-        println!("{NETNS_DONE}");
+        println!("{}", netns::DONE);
         return;
     }
-    let probe = std::process::Command::new("unshare")
-        .args(["-n", "--", "true"])
-        .output();
-    match probe {
-        Err(e) => {
-            eprintln!("skipped: cannot run unshare ({e}); it comes with util-linux");
-            return;
-        }
-        Ok(out) if !out.status.success() => {
-            eprintln!(
-                "skipped: unshare -n is not permitted here (needs root or CAP_SYS_ADMIN): {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-            return;
-        }
-        Ok(_) => {}
-    }
-    let exe = std::env::current_exe().unwrap();
-    let child = tokio::process::Command::new("unshare")
-        .args(["-n", "--"])
-        .arg(&exe)
-        .args(["--exact", NETNS_TEST, "--nocapture", "--test-threads=1"])
-        .env(NETNS_ENV, "1")
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), child)
-        .await
-        .expect("the namespaced run ends in time")
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "namespaced run failed\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
-    );
-    assert!(
-        stdout.contains(NETNS_DONE) && stdout.contains("1 passed"),
-        "the namespaced test did not run\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
-    );
+    netns::rerun_in_network_namespace(NETNS_TEST, NETNS_ENV, &[]).await;
 }
 
 /// `ip ARGS`: whether it succeeded, and its stderr.

@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -49,28 +49,7 @@ fn receiver(key: &Path, tls: Option<(&Path, &Path)>) -> Receiver {
     if let Some((cert, k)) = tls {
         command.arg(cert).arg(k);
     }
-    let mut child = ChildGuard(
-        command
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3 (tests/setup.sh installs http-message-signatures)"),
-    );
-    let mut out = std::io::BufReader::new(child.0.stdout.take().unwrap());
-    let mut first = String::new();
-    out.read_line(&mut first).unwrap();
-    let port = first
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("receiver did not start: {first:?}"));
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let sink = seen.clone();
-    std::thread::spawn(move || {
-        for line in out.lines().map_while(Result::ok) {
-            sink.lock()
-                .unwrap()
-                .push(serde_json::from_str(&line).unwrap());
-        }
-    });
+    let (child, port, seen) = json_lines_server(command);
     Receiver {
         _child: child,
         port,
@@ -134,31 +113,7 @@ async fn requests_are_signed_verifiably_and_tampering_fails() {
     let work = tempfile::tempdir().unwrap();
     let key_file = work.path().join("public.pem");
     let plain = receiver(&key_file, None);
-    let (ca, chain, key) = test_pki(&["secure.test"]);
-    let pem = |label: &str, der: &[u8]| {
-        use base64::Engine;
-        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-        let lines: Vec<String> = b64
-            .as_bytes()
-            .chunks(64)
-            .map(|c| String::from_utf8_lossy(c).into_owned())
-            .collect();
-        format!(
-            "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
-            lines.join("\n")
-        )
-    };
-    let cert = work.path().join("cert.pem");
-    let key_pem = work.path().join("key.pem");
-    std::fs::write(
-        &cert,
-        chain
-            .iter()
-            .map(|c| pem("CERTIFICATE", c))
-            .collect::<String>(),
-    )
-    .unwrap();
-    std::fs::write(&key_pem, pem("PRIVATE KEY", key.secret_der())).unwrap();
+    let (ca, cert, key_pem) = test_pki_files(work.path(), &["secure.test"]);
     let tls = receiver(&key_file, Some((&cert, &key_pem)));
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("upstream-ca.pem"), &ca).unwrap();

@@ -9,13 +9,11 @@
 
 mod common;
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use base64::Engine;
 use common::*;
 
 const ACCESS_KEY: &str = "AKIDPORTCULLISREAL01";
@@ -41,19 +39,6 @@ impl S3 {
     }
 }
 
-fn pem(label: &str, der: &[u8]) -> String {
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let lines: Vec<&str> = b64
-        .as_bytes()
-        .chunks(64)
-        .map(|c| std::str::from_utf8(c).unwrap())
-        .collect();
-    format!(
-        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
-        lines.join("\n")
-    )
-}
-
 /// Starts the verifying server for `service` (TLS for `tls_name` when given).
 fn s3_server(service: &str, tls_name: Option<&str>, session_token: Option<&str>) -> S3 {
     let certs = tempfile::tempdir().unwrap();
@@ -65,46 +50,20 @@ fn s3_server(service: &str, tls_name: Option<&str>, session_token: Option<&str>)
     ];
     let mut ca_pem = None;
     if let Some(name) = tls_name {
-        let (ca, chain, key) = test_pki(&[name]);
-        let chain_pem: String = chain.iter().map(|c| pem("CERTIFICATE", c)).collect();
-        let cert = certs.path().join("cert.pem");
-        let key_path = certs.path().join("key.pem");
-        std::fs::write(&cert, chain_pem).unwrap();
-        std::fs::write(&key_path, pem("PRIVATE KEY", key.secret_der())).unwrap();
+        let (ca, cert, key) = test_pki_files(certs.path(), &[name]);
         args.push(cert.to_str().unwrap().into());
-        args.push(key_path.to_str().unwrap().into());
+        args.push(key.to_str().unwrap().into());
         ca_pem = Some(ca);
     }
     let mut command = Command::new("python3");
     command
         .args(&args)
         .env("SIGV4_SECRET", SECRET)
-        .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     if let Some(token) = session_token {
         command.env("SIGV4_SESSION_TOKEN", token);
     }
-    let mut child = ChildGuard(
-        command
-            .spawn()
-            .expect("python3 (tests/setup.sh installs it)"),
-    );
-    let mut out = std::io::BufReader::new(child.0.stdout.take().unwrap());
-    let mut first = String::new();
-    out.read_line(&mut first).unwrap();
-    let port: u16 = first
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("sigv4_server.py did not start (boto3 missing?): {first:?}"));
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let sink = seen.clone();
-    std::thread::spawn(move || {
-        for line in out.lines().map_while(Result::ok) {
-            sink.lock()
-                .unwrap()
-                .push(serde_json::from_str(&line).unwrap());
-        }
-    });
+    let (child, port, seen) = json_lines_server(command);
     S3 {
         _child: child,
         port,

@@ -1088,6 +1088,69 @@ pub fn check_config(dir: &Path, body: &str, unset: &[&str]) -> (i32, String, Str
     run_portcullis(&["check", "-c", path.to_str().unwrap()], unset)
 }
 
+/// A PEM block of `der`.
+pub fn pem_block(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+        lines.join("\n")
+    )
+}
+
+/// A test PKI for `names` written as PEM files under `dir`: (CA PEM, cert chain path, key path),
+/// for servers that take files (the Python verifiers).
+pub fn test_pki_files(dir: &Path, names: &[&str]) -> (String, PathBuf, PathBuf) {
+    let (ca, chain, key) = test_pki(names);
+    let cert = dir.join("cert.pem");
+    let key_path = dir.join("key.pem");
+    std::fs::write(
+        &cert,
+        chain
+            .iter()
+            .map(|c| pem_block("CERTIFICATE", c))
+            .collect::<String>(),
+    )
+    .unwrap();
+    std::fs::write(&key_path, pem_block("PRIVATE KEY", key.secret_der())).unwrap();
+    (ca, cert, key_path)
+}
+
+/// A helper server (`command`, a Python verifier) that prints its port on its first stdout line
+/// and then one JSON object per line: the child, its port, and the lines so far.
+pub fn json_lines_server(
+    mut command: std::process::Command,
+) -> (ChildGuard, u16, Arc<Mutex<Vec<serde_json::Value>>>) {
+    use std::io::BufRead;
+    let mut child = ChildGuard(
+        command
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 (tests/setup.sh installs it and its packages)"),
+    );
+    let mut out = std::io::BufReader::new(child.0.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    let port = first.trim().parse().unwrap_or_else(|_| {
+        panic!("the server did not start (a Python package missing?): {first:?}")
+    });
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    std::thread::spawn(move || {
+        for line in out.lines().map_while(Result::ok) {
+            sink.lock()
+                .unwrap()
+                .push(serde_json::from_str(&line).unwrap());
+        }
+    });
+    (child, port, seen)
+}
+
 /// `/metrics` of the admin listener at `admin` (`http://host:port`), fetched directly.
 pub async fn scrape(admin: &str) -> String {
     scrape_path(admin, "/metrics").await
