@@ -19,6 +19,7 @@ mod listener;
 pub mod minted;
 mod oidc;
 mod outcome;
+mod pool;
 pub mod reload;
 mod request;
 pub mod state;

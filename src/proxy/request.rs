@@ -530,12 +530,12 @@ async fn send(
         }
         Ok(Ok(response)) => response,
     };
-    let (mut parts, incoming) = response.into_parts();
+    let (mut parts, body) = response.into_parts();
     if let Some(UpstreamAddr(addr)) = parts.extensions.get::<UpstreamAddr>() {
         record.event.upstream_addr = Some(*addr);
     }
     prepare_response_headers(&mut parts.headers);
-    Ok(Response::from_parts(parts, body::boxed(incoming)))
+    Ok(Response::from_parts(parts, body))
 }
 
 #[cfg(test)]

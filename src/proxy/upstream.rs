@@ -10,11 +10,11 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use http::{Request, Uri};
+use http::{Request, Response, Uri};
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::client::legacy::{Client, ResponseFuture};
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
@@ -22,6 +22,7 @@ use crate::body::Body;
 use crate::error::ProxyError;
 use crate::net::{DialError, Dialer, OpenedSocket};
 use crate::policy::Host;
+use crate::proxy::pool::{H1Pool, PoolError};
 
 /// The address an upstream response came from (in the response's extensions).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,18 +129,6 @@ impl tower_service::Service<Uri> for Connector {
     }
 }
 
-/// The pooled client for plain-http upstreams.
-pub type HttpClient = Client<Connector, Body>;
-
-/// Builds the plain-http client of a snapshot.
-pub fn http_client(dialer: Dialer) -> HttpClient {
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(std::time::Duration::from_secs(90))
-        .build(Connector::new(dialer))
-}
-
 /// The pooled client for TLS upstreams (intercepted requests): verifies the server against the
 /// snapshot's roots, negotiates h2 or HTTP/1.1 by ALPN.
 pub type HttpsClient = Client<HttpsConnector<Connector>, Body>;
@@ -159,29 +148,41 @@ pub fn https_client(dialer: Dialer, tls: rustls::ClientConfig) -> HttpsClient {
         .build(connector)
 }
 
-/// A snapshot's pooled clients: one for `http://` upstreams, one for `https://` ones. Clones
-/// share the pools.
+/// A snapshot's pooled clients: an HTTP/1.1 pool for `http://` upstreams, a client negotiating
+/// h2 or HTTP/1.1 for `https://` ones. Clones share the pools.
 #[derive(Clone)]
 pub struct Upstreams {
-    http: HttpClient,
+    http: H1Pool,
     https: HttpsClient,
+}
+
+/// Why an upstream exchange failed (classified by [`failure`]).
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// From the plain-http pool.
+    #[error(transparent)]
+    Plain(#[from] PoolError),
+    /// From the TLS client.
+    #[error(transparent)]
+    Tls(#[from] hyper_util::client::legacy::Error),
 }
 
 impl Upstreams {
     /// Both clients, dialling through `dialer`; `tls` verifies upstream servers.
     pub fn new(dialer: &Dialer, tls: rustls::ClientConfig) -> Self {
         Self {
-            http: http_client(dialer.clone()),
+            http: H1Pool::new(dialer.clone()),
             https: https_client(dialer.clone(), tls),
         }
     }
 
-    /// Sends `req` (absolute-form URI) on the client for its scheme.
-    pub fn request(&self, req: Request<Body>) -> ResponseFuture {
+    /// Sends `req` (absolute-form URI) on the client for its scheme; the response carries its
+    /// [`UpstreamAddr`].
+    pub async fn request(&self, req: Request<Body>) -> Result<Response<Body>, UpstreamError> {
         if req.uri().scheme_str() == Some("https") {
-            self.https.request(req)
+            Ok(boxed_response(self.https.request(req).await?))
         } else {
-            self.http.request(req)
+            Ok(self.http.send(req).await?)
         }
     }
 }
@@ -209,11 +210,18 @@ impl Upstreams {
             if !status.is_success() {
                 return Err(format!("{what} answered {}", status.as_u16()));
             }
-            http_body_util::Limited::new(response.into_body(), limit_bytes)
-                .collect()
-                .await
-                .map(|collected| collected.to_bytes())
-                .map_err(|_| format!("the {what}'s answer could not be read"))
+            let unreadable = || format!("the {what}'s answer could not be read");
+            let mut body = response.into_body();
+            let mut answer = bytes::BytesMut::new();
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame.map_err(|_| unreadable())?.into_data() {
+                    if answer.len() + data.len() > limit_bytes {
+                        return Err(unreadable());
+                    }
+                    answer.extend_from_slice(&data);
+                }
+            }
+            Ok(answer.freeze())
         };
         tokio::time::timeout(timeout, exchange)
             .await
@@ -221,9 +229,15 @@ impl Upstreams {
     }
 }
 
+/// A response with its body boxed (a plain function: boxing inside the `async fn` trips the
+/// compiler's higher-ranked `Send` check of the spawned callers).
+fn boxed_response(response: Response<hyper::body::Incoming>) -> Response<Body> {
+    response.map(crate::body::boxed)
+}
+
 /// Classifies a client error: dial failures keep their class; anything after connecting is the
 /// upstream dropping us.
-pub fn failure(host: &str, err: &hyper_util::client::legacy::Error) -> ProxyError {
+pub fn failure(host: &str, err: &UpstreamError) -> ProxyError {
     if let Some(dial) = dial_error(err) {
         return ProxyError::from_dial(host, dial);
     }
@@ -233,7 +247,11 @@ pub fn failure(host: &str, err: &hyper_util::client::legacy::Error) -> ProxyErro
             reason: tls.to_string(),
         };
     }
-    if err.is_connect() {
+    let is_connect = match err {
+        UpstreamError::Plain(e) => e.is_connect(),
+        UpstreamError::Tls(e) => e.is_connect(),
+    };
+    if is_connect {
         return ProxyError::Unavailable {
             host: host.to_owned(),
             reason: "cannot connect".to_owned(),

@@ -114,82 +114,85 @@ pub struct EventLine<'a> {
     pub masker: &'a Masker,
 }
 
-/// Serializes any `Display` as a string without an intermediate `String`.
-struct Display<T>(T);
-
-impl<T: std::fmt::Display> Serialize for Display<T> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(&self.0)
-    }
-}
-
-/// RFC 3339 in UTC with microseconds, e.g. `2026-11-23T15:04:05.123456Z`.
-struct Timestamp(time::OffsetDateTime);
-
-impl std::fmt::Display for Timestamp {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let t = self.0;
-        write!(
-            f,
-            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-            t.year(),
-            u8::from(t.month()),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second(),
-            t.microsecond()
-        )
-    }
-}
-
-impl<'a> Serialize for EventLine<'a> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStruct;
+impl EventLine<'_> {
+    /// Appends the event as one JSON object (no newline) to `out`: the schema's fields in its
+    /// order, header values and query parameters masked.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        use crate::telemetry::json::{
+            boolean, float, hex_id, integer, null, opt_string, socket_addr, string, timestamp,
+        };
         let e = self.event;
         let masker = self.masker;
-        let log_headers = masker.log_headers();
-        let headers = |map: &'a Option<HeaderMap>| {
-            map.as_ref()
-                .filter(|_| log_headers)
-                .map(|map| masker.headers(map))
+        let headers = |out: &mut Vec<u8>, map: &Option<HeaderMap>| match map {
+            Some(map) if masker.log_headers() => masker.write_headers(out, map),
+            _ => null(out),
         };
-        let mut out = serializer.serialize_struct("Event", 27)?;
-        out.serialize_field("ts", &Display(Timestamp(e.ts)))?;
-        out.serialize_field("id", &format_args!("{:016x}", e.id))?;
-        out.serialize_field("kind", &e.kind)?;
-        out.serialize_field("client", &*e.client)?;
-        out.serialize_field("subject", &e.subject.as_deref())?;
-        out.serialize_field("peer", &Display(e.peer))?;
-        out.serialize_field("method", e.method.as_str())?;
-        out.serialize_field("scheme", &e.scheme)?;
-        out.serialize_field("host", &e.host)?;
-        out.serialize_field("port", &e.port)?;
-        out.serialize_field("path", &e.uri.as_ref().map(http::Uri::path))?;
-        out.serialize_field(
-            "query",
-            &e.uri
-                .as_ref()
-                .and_then(http::Uri::query)
-                .map(|q| masker.query(q)),
-        )?;
-        out.serialize_field("decision", &e.decision)?;
-        out.serialize_field("reason", &e.reason)?;
-        out.serialize_field("rule", &e.rule.as_deref())?;
-        out.serialize_field("credential", &e.credential.as_deref())?;
-        out.serialize_field("intercepted", &e.intercepted)?;
-        out.serialize_field("transparent", &e.transparent)?;
-        out.serialize_field("signed", &e.signed)?;
-        out.serialize_field("status", &e.status)?;
-        out.serialize_field("bytes_sent", &e.bytes_sent)?;
-        out.serialize_field("bytes_received", &e.bytes_received)?;
+        out.extend_from_slice(b"{\"ts\":");
+        timestamp(out, e.ts);
+        out.extend_from_slice(b",\"id\":");
+        hex_id(out, e.id);
+        out.extend_from_slice(match e.kind {
+            Kind::Request => b",\"kind\":\"request\",\"client\":",
+            Kind::Tunnel => b",\"kind\":\"tunnel\",\"client\":",
+        });
+        string(out, &e.client);
+        out.extend_from_slice(b",\"subject\":");
+        opt_string(out, e.subject.as_deref());
+        out.extend_from_slice(b",\"peer\":");
+        socket_addr(out, e.peer);
+        out.extend_from_slice(b",\"method\":");
+        string(out, e.method.as_str());
+        out.extend_from_slice(b",\"scheme\":");
+        opt_string(out, e.scheme);
+        out.extend_from_slice(b",\"host\":");
+        string(out, &e.host);
+        out.extend_from_slice(b",\"port\":");
+        integer(out, u64::from(e.port));
+        out.extend_from_slice(b",\"path\":");
+        opt_string(out, e.uri.as_ref().map(http::Uri::path));
+        out.extend_from_slice(b",\"query\":");
+        match e.uri.as_ref().and_then(http::Uri::query) {
+            Some(query) => string(out, &masker.query(query)),
+            None => null(out),
+        }
+        out.extend_from_slice(b",\"decision\":\"");
+        out.extend_from_slice(e.decision.as_str().as_bytes());
+        out.extend_from_slice(b"\",\"reason\":");
+        opt_string(out, e.reason.as_deref());
+        out.extend_from_slice(b",\"rule\":");
+        opt_string(out, e.rule.as_deref());
+        out.extend_from_slice(b",\"credential\":");
+        opt_string(out, e.credential.as_deref());
+        out.extend_from_slice(b",\"intercepted\":");
+        boolean(out, e.intercepted);
+        out.extend_from_slice(b",\"transparent\":");
+        boolean(out, e.transparent);
+        out.extend_from_slice(b",\"signed\":");
+        boolean(out, e.signed);
+        out.extend_from_slice(b",\"status\":");
+        match e.status {
+            Some(status) => integer(out, u64::from(status)),
+            None => null(out),
+        }
+        out.extend_from_slice(b",\"bytes_sent\":");
+        integer(out, e.bytes_sent);
+        out.extend_from_slice(b",\"bytes_received\":");
+        integer(out, e.bytes_received);
         // At most three decimals (spec §7): microseconds are all a duration here can tell.
-        out.serialize_field("duration_ms", &((e.duration_ms * 1000.0).round() / 1000.0))?;
-        out.serialize_field("upstream_addr", &e.upstream_addr.map(Display))?;
-        out.serialize_field("request_headers", &headers(&e.request_headers))?;
-        out.serialize_field("response_headers", &headers(&e.response_headers))?;
-        out.serialize_field("error", &e.error)?;
-        out.end()
+        out.extend_from_slice(b",\"duration_ms\":");
+        float(out, (e.duration_ms * 1000.0).round() / 1000.0);
+        out.extend_from_slice(b",\"upstream_addr\":");
+        match e.upstream_addr {
+            Some(addr) => socket_addr(out, addr),
+            None => null(out),
+        }
+        out.extend_from_slice(b",\"request_headers\":");
+        headers(out, &e.request_headers);
+        out.extend_from_slice(b",\"response_headers\":");
+        headers(out, &e.response_headers);
+        out.extend_from_slice(b",\"error\":");
+        opt_string(out, e.error.as_deref());
+        out.push(b'}');
     }
 }
 
@@ -241,6 +244,14 @@ fn splitmix64(mut z: u64) -> u64 {
 mod tests {
     use std::collections::HashSet;
 
+    impl std::fmt::Display for EventLine<'_> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            let mut out = Vec::new();
+            self.write(&mut out);
+            f.write_str(&String::from_utf8(out).unwrap())
+        }
+    }
+
     use super::*;
     use crate::config::{parse, Origin};
     use crate::telemetry::mask::tests::masker;
@@ -279,11 +290,11 @@ mod tests {
             response_headers: None,
             error: None,
         };
-        let line = serde_json::to_string(&EventLine {
+        let line = EventLine {
             event: &event,
             masker: &m,
-        })
-        .unwrap();
+        }
+        .to_string();
         assert_eq!(
             line,
             r#"{"ts":"1970-01-01T00:00:00.000000Z","id":"0000a1b2c3d4e5f6","kind":"request","client":"frontend","subject":null,"peer":"10.1.2.3:51234","method":"GET","scheme":"https","host":"api.github.com","port":443,"path":"/repos/o/r","query":"per_page=100&token=<HIDDEN>","decision":"allow","reason":null,"rule":"api.github.com","credential":"github","intercepted":true,"transparent":false,"signed":false,"status":200,"bytes_sent":0,"bytes_received":4567,"duration_ms":12.3,"upstream_addr":"140.82.112.6:443","request_headers":{"authorization":"<HIDDEN>","user-agent":"git/2.47"},"response_headers":null,"error":null}"#
@@ -296,21 +307,18 @@ mod tests {
         )
         .unwrap();
         let quiet = Masker::new(&quiet);
-        let line = serde_json::to_string(&EventLine {
+        let line = EventLine {
             event: &event,
             masker: &quiet,
-        })
-        .unwrap();
+        }
+        .to_string();
         assert!(line.contains(r#""request_headers":null"#), "{line}");
     }
 
     #[test]
-    fn ids_are_unique_and_timestamps_rfc3339() {
+    fn ids_are_unique() {
         let ids = IdGenerator::new();
         let set: HashSet<u64> = (0..10_000).map(|_| ids.next()).collect();
         assert_eq!(set.len(), 10_000);
-        let ts = Timestamp(time::OffsetDateTime::now_utc()).to_string();
-        assert_eq!(ts.len(), "2026-11-23T15:04:05.123456Z".len(), "{ts}");
-        assert!(ts.ends_with('Z'));
     }
 }

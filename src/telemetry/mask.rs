@@ -8,9 +8,8 @@ use std::borrow::Cow;
 use std::collections::HashSet;
 
 use aho_corasick::{AhoCorasick, MatchKind};
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 use percent_encoding::percent_decode_str;
-use serde::Serialize;
 use zeroize::Zeroizing;
 
 use crate::config::Config;
@@ -49,7 +48,7 @@ pub const MASKED_QUERY_PARAMS: [&str; 13] = [
 
 /// Masks header values, query parameters and secret values (one per snapshot).
 pub struct Masker {
-    headers: HashSet<String>,
+    headers: Vec<HeaderName>,
     query_params: HashSet<String>,
     secrets: Secrets,
     log_headers: bool,
@@ -88,11 +87,16 @@ impl Masker {
     /// Built-in lists, the configured additions, every credential's header name, and every
     /// resolved secret (with the full header values built from them, e.g. a Basic pair's base64).
     pub fn new(config: &Config) -> Self {
-        let mut headers: HashSet<String> = MASKED_HEADERS.iter().map(|s| (*s).to_owned()).collect();
-        headers.extend(config.audit.mask_headers.iter().cloned());
+        // Names that are not valid header names can never match a header: they are skipped.
+        let mut headers: Vec<HeaderName> = MASKED_HEADERS
+            .iter()
+            .copied()
+            .chain(config.audit.mask_headers.iter().map(String::as_str))
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+            .collect();
         let mut secrets = Vec::new();
         for cred in config.credentials.values() {
-            headers.insert(cred.header.as_str().to_owned());
+            headers.push(cred.header.clone());
             secrets.push(Zeroizing::new(cred.secret.expose().to_owned()));
             if let Ok(full) = cred.value.to_str() {
                 secrets.push(Zeroizing::new(full.to_owned()));
@@ -127,6 +131,8 @@ impl Masker {
                 secrets.push(Zeroizing::new(token.expose().to_owned()));
             }
         }
+        headers.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        headers.dedup();
         let mut query_params: HashSet<String> = MASKED_QUERY_PARAMS
             .iter()
             .map(|s| (*s).to_owned())
@@ -170,10 +176,44 @@ impl Masker {
         self.log_headers
     }
 
-    /// `map` as a JSON object of header names to values, masked values replaced by [`HIDDEN`] and
-    /// repeated headers joined with `, `.
-    pub fn headers<'a>(&'a self, map: &'a HeaderMap) -> MaskedHeaders<'a> {
-        MaskedHeaders { map, masker: self }
+    /// Whether values of header `name` are hidden.
+    fn hides(&self, name: &HeaderName) -> bool {
+        // A short list compared by `HeaderName` (an enum tag for standard headers) costs less
+        // than hashing the name.
+        self.headers.iter().any(|hidden| hidden == name)
+    }
+
+    /// Appends `map` to `out` as a JSON object of header names to values, masked values replaced
+    /// by [`HIDDEN`] and repeated headers joined with `, `.
+    pub fn write_headers(&self, out: &mut Vec<u8>, map: &HeaderMap) {
+        use crate::telemetry::json::{lossy_string, string};
+        out.push(b'{');
+        // `iter` yields every value of a name before the next name.
+        let mut entries = map.iter().peekable();
+        let mut first = true;
+        while let Some((name, value)) = entries.next() {
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            string(out, name.as_str());
+            out.push(b':');
+            let repeated = entries.peek().is_some_and(|(next, _)| *next == name);
+            if self.hides(name) {
+                while entries.next_if(|(next, _)| *next == name).is_some() {}
+                string(out, HIDDEN);
+            } else if repeated {
+                let mut joined = String::from_utf8_lossy(value.as_bytes()).into_owned();
+                while let Some((_, more)) = entries.next_if(|(next, _)| *next == name) {
+                    joined.push_str(", ");
+                    joined.push_str(&String::from_utf8_lossy(more.as_bytes()));
+                }
+                string(out, &joined);
+            } else {
+                lossy_string(out, value.as_bytes());
+            }
+        }
+        out.push(b'}');
     }
 
     /// A query string with the values of masked parameters replaced (names compared
@@ -197,6 +237,8 @@ impl Masker {
     /// something matched.
     pub fn scrub(&self, line: &mut String) {
         match &self.secrets {
+            // Nothing to look for: no need to read the line.
+            Secrets::Automaton(automaton) if automaton.patterns_len() == 0 => {}
             Secrets::Automaton(automaton) => {
                 let mut matches = automaton.find_iter(line.as_str()).peekable();
                 if matches.peek().is_none() {
@@ -239,38 +281,6 @@ fn decode_name(name: &str) -> String {
         .to_ascii_lowercase()
 }
 
-/// A header map that serializes with masked values ([`Masker::headers`]).
-pub struct MaskedHeaders<'a> {
-    map: &'a HeaderMap,
-    masker: &'a Masker,
-}
-
-impl Serialize for MaskedHeaders<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let mut out = serializer.serialize_map(Some(self.map.keys_len()))?;
-        for name in self.map.keys() {
-            let hidden = self.masker.headers.contains(name.as_str());
-            let mut values = self.map.get_all(name).iter();
-            let shown = if hidden {
-                Cow::Borrowed(HIDDEN)
-            } else if self.map.get_all(name).iter().count() == 1 {
-                values
-                    .next()
-                    .map(|v| String::from_utf8_lossy(v.as_bytes()))
-                    .unwrap_or_default()
-            } else {
-                let joined: Vec<String> = values
-                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-                    .collect();
-                Cow::Owned(joined.join(", "))
-            };
-            out.serialize_entry(name.as_str(), &shown)?;
-        }
-        out.end()
-    }
-}
-
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
@@ -286,7 +296,9 @@ pub(super) mod tests {
     }
 
     fn shown(masker: &Masker, map: &HeaderMap) -> serde_json::Value {
-        serde_json::to_value(masker.headers(map)).unwrap()
+        let mut out = Vec::new();
+        masker.write_headers(&mut out, map);
+        serde_json::from_slice(&out).unwrap()
     }
 
     #[test]

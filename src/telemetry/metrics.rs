@@ -10,7 +10,9 @@
 //! sample before the first event, or an alert on that event never fires. Series keyed by client
 //! and rule still appear with their first event.
 
-use std::collections::HashMap;
+// foldhash (seeded per process) rather than SipHash: these maps are looked up several times per
+// request with keys policy already admitted, and SipHash cost more than the counting itself.
+use foldhash::HashMap;
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use http::{Method, StatusCode};

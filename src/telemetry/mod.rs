@@ -16,6 +16,7 @@
 //! Callers use the flat re-exports below (`crate::telemetry::Record`), never the submodules.
 
 mod event;
+mod json;
 mod mask;
 mod metrics;
 mod record;
@@ -24,7 +25,7 @@ mod sink;
 pub use event::{Decision, Event, EventLine, IdGenerator, Kind};
 use std::sync::Arc;
 
-pub use mask::{MaskedHeaders, Masker, HIDDEN, MASKED_HEADERS, MASKED_QUERY_PARAMS};
+pub use mask::{Masker, HIDDEN, MASKED_HEADERS, MASKED_QUERY_PARAMS};
 pub use metrics::{
     method_label, Gauged, Metrics, EXPORTED, OIDC_RESULTS, REFRESH_RESULTS, RELOAD_FAILURE,
     RELOAD_SUCCESS,

@@ -178,18 +178,16 @@ fn write_loop(mut out: Output, rx: Receiver<Message>) {
         while let Some(message) = next {
             match message {
                 Message::Event(event, masker, runtime) => {
-                    // One buffer for every line: serialize, scrub, write.
+                    // One buffer for every line: write, scrub, output.
                     let mut bytes = std::mem::take(&mut line).into_bytes();
                     bytes.clear();
-                    let result = serde_json::to_writer(
-                        &mut bytes,
-                        &EventLine {
-                            event: &event,
-                            masker: &masker,
-                        },
-                    )
-                    .map_err(std::io::Error::other)
-                    .and_then(|()| String::from_utf8(bytes).map_err(std::io::Error::other))
+                    EventLine {
+                        event: &event,
+                        masker: &masker,
+                    }
+                    .write(&mut bytes);
+                    let result = String::from_utf8(bytes)
+                        .map_err(std::io::Error::other)
                     .and_then(|text| {
                         line = text;
                         masker.scrub(&mut line);
