@@ -6,9 +6,9 @@
 #   bash bench/run.sh            # full run (ROUNDS=3, DURATION=4 s per measurement)
 #   ROUNDS=1 DURATION=2 bash bench/run.sh   # quick look
 #
-# Installs what it needs on Debian (nginx, squid-openssl, tinyproxy, openssl, python3; oha via
-# cargo install), builds Portcullis in release mode, and stops every process it started, also
-# on failure or Ctrl-C. Traffic stays on 127.0.0.1.
+# Installs what it needs on Debian (nginx, squid-openssl, tinyproxy, trafficserver, openssl,
+# python3; oha via cargo install), builds Portcullis in release mode (or takes PORTCULLIS_BIN),
+# and stops every process it started, also on failure or Ctrl-C. Traffic stays on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -20,11 +20,14 @@ BIG_MIB=${BIG_MIB:-512}
 # PIN=1: the load generator on CPU 0, every server on the other CPUs, so a proxy's figure is not
 # also a measure of how much CPU the load generator took from it.
 PIN=${PIN:-0}
-# SCENARIOS=12: run only these scenarios (digits 1-6).
-SCENARIOS=${SCENARIOS:-123456}
+# SCENARIOS=12: run only these scenarios (digits 1-7).
+SCENARIOS=${SCENARIOS:-1234567}
 # BASELINE=/path/to/portcullis: another build (e.g. of an older commit) measured in the same run
-# as "portcullis (baseline)" in scenarios 1, 3 and 4, on ports 3129/9091.
+# as "portcullis (baseline)" in scenarios 1, 3, 4 and 7, on ports 3129/9091.
 BASELINE=${BASELINE:-}
+[ -z "$BASELINE" ] || BASELINE=$(realpath "$BASELINE")
+# PORTCULLIS_BIN=/path/to/portcullis: measure this binary instead of building with cargo.
+PORTCULLIS_BIN=${PORTCULLIS_BIN:-}
 want() { [[ "$SCENARIOS" == *"$1"* ]]; }
 if [ "$PIN" = 1 ] && [ "$(nproc)" -ge 2 ]; then
   CLIENT_CPUS="taskset -c 0"
@@ -39,11 +42,30 @@ PIDS=()
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
+# Drop a stopped (and waited-for) process from PIDS, so that cleanup never signals its pid once
+# the kernel has given it to another process.
+forget_pid() {
+  local p kept=()
+  for p in "${PIDS[@]}"; do
+    if [ "$p" != "$1" ]; then kept+=("$p"); fi
+  done
+  PIDS=("${kept[@]}")
+}
+
 cleanup() {
+  local _ pid alive
   for pid in "${PIDS[@]:-}"; do
     [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
   done
-  sleep 0.5
+  # Up to 3 s for a clean exit (squid's shutdown_lifetime is 1 s), then SIGKILL.
+  for _ in $(seq 1 30); do
+    alive=
+    for pid in "${PIDS[@]:-}"; do
+      if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then alive=1; fi
+    done
+    if [ -z "$alive" ]; then break; fi
+    sleep 0.1
+  done
   for pid in "${PIDS[@]:-}"; do
     [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null || true
   done
@@ -54,7 +76,8 @@ trap cleanup EXIT INT TERM
 
 # --- install -------------------------------------------------------------------------------
 need=()
-for pair in nginx:nginx squid:squid-openssl tinyproxy:tinyproxy openssl:openssl python3:python3 curl:curl; do
+for pair in nginx:nginx squid:squid-openssl tinyproxy:tinyproxy traffic_server:trafficserver \
+  openssl:openssl python3:python3 curl:curl; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need+=("${pair#*:}")
 done
 if [ "${#need[@]}" -gt 0 ]; then
@@ -64,7 +87,7 @@ if [ "${#need[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need[@]}" ca-certificates >/dev/null
 fi
 # Debian starts the packaged daemons; the benchmark runs its own.
-for svc in nginx squid tinyproxy; do
+for svc in nginx squid tinyproxy trafficserver; do
   (systemctl stop "$svc" || service "$svc" stop) >/dev/null 2>&1 || true
 done
 export PATH="$HOME/.cargo/bin:/usr/sbin:$PATH"
@@ -72,9 +95,14 @@ if ! command -v oha >/dev/null 2>&1; then
   log "installing oha (cargo install, a few minutes the first time)"
   cargo install oha --locked --quiet
 fi
-log "building portcullis (release)"
-cargo build --release --quiet
-PORTCULLIS=$ROOT/target/release/portcullis
+if [ -n "$PORTCULLIS_BIN" ]; then
+  PORTCULLIS=$(realpath "$PORTCULLIS_BIN")
+  log "using $PORTCULLIS (PORTCULLIS_BIN; no build)"
+else
+  log "building portcullis (release)"
+  cargo build --release --quiet
+  PORTCULLIS=$ROOT/target/release/portcullis
+fi
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 # --- pki -----------------------------------------------------------------------------------
@@ -94,7 +122,7 @@ cat squid-ca.pem squid-ca.key > squid-ca-bundle.pem
 mkdir -p www && head -c 100 /dev/zero | tr '\0' 'x' > www/small && truncate -s "${BIG_MIB}M" www/big
 chmod -R a+rX "$WORK"
 
-# --- origin and nginx reverse proxy --------------------------------------------------------
+# --- origin (nginx) ------------------------------------------------------------------------
 mkdir -p nginx/logs
 cat > nginx/nginx.conf <<EOF
 daemon off;
@@ -116,6 +144,24 @@ http {
     ssl_certificate_key $WORK/origin.key;
     root $WORK/www;
   }
+}
+EOF
+$SERVER_CPUS nginx -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" &
+PIDS+=("$!")
+
+# --- nginx reverse proxy (its own instance, so its CPU time is not mixed with the origin's) --
+mkdir -p nginx-rp/logs
+cat > nginx-rp/nginx.conf <<EOF
+daemon off;
+worker_processes auto;
+pid $WORK/nginx-rp/nginx.pid;
+error_log $WORK/nginx-rp/logs/error.log crit;
+worker_rlimit_nofile 65536;
+events { worker_connections 30000; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  keepalive_timeout 300s;
   upstream origin { server 127.0.0.1:18080; keepalive 64; }
   server {
     listen 127.0.0.1:18081;
@@ -127,8 +173,9 @@ http {
   }
 }
 EOF
-$SERVER_CPUS nginx -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" &
-PIDS+=($!)
+$SERVER_CPUS nginx -c "$WORK/nginx-rp/nginx.conf" -p "$WORK/nginx-rp" &
+NGINX_RP_PID=$!
+PIDS+=("$NGINX_RP_PID")
 
 # --- squid (forward on 13128, ssl-bump on 13129) -------------------------------------------
 mkdir -p squid
@@ -157,7 +204,8 @@ max_filedescriptors 65536
 shutdown_lifetime 1 seconds
 EOF
 $SERVER_CPUS squid -N -f "$WORK/squid/squid.conf" 2>>"$WORK/squid/cache.log" &
-PIDS+=($!)
+SQUID_PID=$!
+PIDS+=("$SQUID_PID")
 
 # --- tinyproxy -----------------------------------------------------------------------------
 cat > tinyproxy.conf <<EOF
@@ -171,7 +219,78 @@ LogLevel Critical
 ConnectPort 18443
 EOF
 $SERVER_CPUS tinyproxy -d -c "$WORK/tinyproxy.conf" >/dev/null 2>&1 &
-PIDS+=($!)
+TINYPROXY_PID=$!
+PIDS+=("$TINYPROXY_PID")
+
+# --- Apache Traffic Server (forward proxy on 18090) ----------------------------------------
+# A runroot (runroot.yaml, found through --run-root) points ATS 9.2's layout at $WORK/ats: its
+# config (sysconfdir), runtime (lock, records.snap), log and cache folders; binaries, libraries
+# and plugins stay in /usr. traffic_server runs in the foreground (there is no traffic_manager),
+# as a child of this script. No cache storage (empty storage.config; "Cache Disabled" in
+# diags.log is expected), caching off, no remap rule required, 2 ET_NET worker threads.
+mkdir -p ats/etc ats/run ats/log ats/cache
+cat > ats/runroot.yaml <<EOF
+prefix: /usr
+exec_prefix: /usr
+bindir: /usr/bin
+sbindir: /usr/sbin
+sysconfdir: $WORK/ats/etc
+datadir: $WORK/ats/cache
+includedir: /usr/include
+libdir: /usr/lib/trafficserver
+libexecdir: /usr/lib/trafficserver/modules
+localstatedir: $WORK/ats
+runtimedir: $WORK/ats/run
+logdir: $WORK/ats/log
+cachedir: $WORK/ats/cache
+EOF
+# user_id: the unprivileged account the package creates; "#-1" keeps the current user.
+ATS_USER='#-1'
+id trafficserver >/dev/null 2>&1 && ATS_USER=trafficserver
+cat > ats/etc/records.config <<EOF
+CONFIG proxy.config.http.server_ports STRING 18090:ipv4:ip-in=127.0.0.1
+CONFIG proxy.config.exec_thread.autoconfig INT 0
+CONFIG proxy.config.exec_thread.limit INT 2
+CONFIG proxy.config.exec_thread.affinity INT 0
+CONFIG proxy.config.accept_threads INT 0
+CONFIG proxy.config.task_threads INT 1
+CONFIG proxy.config.admin.user_id STRING $ATS_USER
+CONFIG proxy.config.crash_log_helper STRING NULL
+CONFIG proxy.config.http.cache.http INT 0
+CONFIG proxy.config.url_remap.remap_required INT 0
+CONFIG proxy.config.reverse_proxy.enabled INT 0
+CONFIG proxy.config.http.keep_alive_enabled_in INT 1
+CONFIG proxy.config.http.keep_alive_enabled_out INT 1
+CONFIG proxy.config.http.keep_alive_no_activity_timeout_in INT 300
+CONFIG proxy.config.http.keep_alive_no_activity_timeout_out INT 300
+CONFIG proxy.config.net.connections_throttle INT 10000
+CONFIG proxy.config.net.max_connections_in INT 10000
+CONFIG proxy.config.log.logging_enabled INT 0
+CONFIG proxy.config.diags.debug.enabled INT 0
+CONFIG proxy.config.body_factory.template_sets_dir STRING /etc/trafficserver/body_factory
+EOF
+cat > ats/etc/ip_allow.yaml <<EOF
+ip_allow:
+  - apply: in
+    ip_addrs: 127.0.0.1
+    action: allow
+    methods: ALL
+  - apply: out
+    ip_addrs: 127.0.0.1
+    action: allow
+    methods: ALL
+EOF
+for f in remap.config storage.config plugin.config cache.config hosting.config parent.config \
+  volume.config ssl_multicert.config splitdns.config socks.config; do
+  : > "ats/etc/$f"
+done
+printf 'logging: {}\n' > ats/etc/logging.yaml
+printf 'sni: []\n' > ats/etc/sni.yaml
+printf 'strategies: []\n' > ats/etc/strategies.yaml
+[ "$ATS_USER" = '#-1' ] || chown -R trafficserver: "$WORK/ats"
+$SERVER_CPUS traffic_server --run-root="$WORK/ats/runroot.yaml" >"$WORK/ats/log/traffic_server.out" 2>&1 &
+ATS_PID=$!
+PIDS+=("$ATS_PID")
 
 # --- portcullis ----------------------------------------------------------------------------
 portcullis_config() { # $1 = audit output
@@ -205,29 +324,51 @@ portcullis_config stdout > portcullis.toml
 portcullis_config "$WORK/audit.log" > portcullis-audit.toml
 # A separate tunnel-only config for the CONNECT scenarios (no interception of 18443).
 portcullis_config stdout | sed 's/^intercept = "always"/intercept = "never"/; /^credential = "bench"/d' > portcullis-tunnel.toml
+# Scenario 7, "realistic": audit to a file and the bearer credential injected into the plain-HTTP
+# requests to 127.0.0.1:18080 (plaintext_credentials allows that over http://).
+portcullis_realistic() { # $1 = audit output
+  portcullis_config "$1" | sed 's/^ports = \[18080, 18081\]$/&\ncredential = "bench"\nplaintext_credentials = true/'
+}
+portcullis_realistic "$WORK/audit-realistic.log" > portcullis-realistic.toml
 
-BASELINE_PID=
-if [ -n "$BASELINE" ]; then
-  sed 's/^proxy = "127.0.0.1:3128"/proxy = "127.0.0.1:3129"/; s/^admin = "127.0.0.1:9090"/admin = "127.0.0.1:9091"/' \
-    portcullis.toml > portcullis-baseline.toml
-  $SERVER_CPUS "$BASELINE" run -c "$WORK/portcullis-baseline.toml" >/dev/null 2>"$WORK/baseline.log" &
-  BASELINE_PID=$!
-  PIDS+=($BASELINE_PID)
-fi
+# The baseline build listens on 3129/9091. In scenario 7 it is restarted with the realistic
+# configuration (its own audit file), and with the plain one again afterwards.
+to_baseline_ports() {
+  sed 's/^proxy = "127.0.0.1:3128"/proxy = "127.0.0.1:3129"/; s/^admin = "127.0.0.1:9090"/admin = "127.0.0.1:9091"/'
+}
+to_baseline_ports < portcullis.toml > portcullis-baseline.toml
+portcullis_realistic "$WORK/audit-realistic-baseline.log" | to_baseline_ports > portcullis-baseline-realistic.toml
 
 PORTCULLIS_PID=
 start_portcullis() { # $1 = config
   stop_portcullis
   $SERVER_CPUS "$PORTCULLIS" run -c "$1" >/dev/null 2>"$WORK/portcullis.log" &
   PORTCULLIS_PID=$!
-  PIDS+=($PORTCULLIS_PID)
+  PIDS+=("$PORTCULLIS_PID")
   wait_port 3128
 }
 stop_portcullis() {
   if [ -n "$PORTCULLIS_PID" ]; then
     kill "$PORTCULLIS_PID" 2>/dev/null || true
     wait "$PORTCULLIS_PID" 2>/dev/null || true
+    forget_pid "$PORTCULLIS_PID"
     PORTCULLIS_PID=
+  fi
+}
+BASELINE_PID=
+start_baseline() { # $1 = config
+  stop_baseline
+  $SERVER_CPUS "$BASELINE" run -c "$1" >/dev/null 2>>"$WORK/baseline.log" &
+  BASELINE_PID=$!
+  PIDS+=("$BASELINE_PID")
+  wait_port 3129
+}
+stop_baseline() {
+  if [ -n "$BASELINE_PID" ]; then
+    kill "$BASELINE_PID" 2>/dev/null || true
+    wait "$BASELINE_PID" 2>/dev/null || true
+    forget_pid "$BASELINE_PID"
+    BASELINE_PID=
   fi
 }
 wait_port() {
@@ -237,8 +378,11 @@ wait_port() {
   done
   log "port $1 did not open"; return 1
 }
-for port in 18080 18443 18081 13128 13129 18888; do wait_port "$port"; done
-[ -z "$BASELINE" ] || wait_port 3129
+for port in 18080 18443 18081 13128 13129 18888 18090; do wait_port "$port"; done
+# ATS binds its threads itself (exec_thread.affinity 0 means "the whole machine"), which undoes
+# taskset's mask for the ET_NET threads: pin them again, every thread of the process.
+[ -z "$SERVER_CPUS" ] || taskset -apc "1-$(($(nproc) - 1))" "$ATS_PID" >/dev/null
+[ -z "$BASELINE" ] || start_baseline "$WORK/portcullis-baseline.toml"
 start_portcullis "$WORK/portcullis.toml"
 
 # --- measurement helpers -------------------------------------------------------------------
@@ -246,15 +390,50 @@ RESULTS=$WORK/results.tsv
 : > "$RESULTS"
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$RESULTS"; } # scenario contender metric value
 
-# CPU time (user + system, in clock ticks) a process has used so far.
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# CPU time (user + system of every thread, dead ones included, in clock ticks) a process has
+# used so far. The fields are counted after the ")" that ends the command name.
+cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" 2>/dev/null; }
 
-oha_run() { # scenario contender url [oha args...]; CPU_PID=pid also records its CPU time per request
+# A process and all its descendants (nginx master and workers, squid and its helpers, …).
+proc_tree() {
+  local pid child
+  for pid in "$@"; do
+    echo "$pid"
+    for child in $(pgrep -P "$pid"); do proc_tree "$child"; done
+  done
+}
+
+# "PID TICKS" for every process of the trees rooted at the given PIDs.
+cpu_snapshot() {
+  local pid ticks
+  for pid in $(proc_tree "$@"); do
+    ticks=$(cpu_ticks "$pid") && [ -n "$ticks" ] && echo "$pid $ticks"
+  done
+  return 0
+}
+
+# CPU ticks between two snapshots, summed over the processes alive at the end (a process started
+# in between counts in full). A process that existed at the start and exited before the end is
+# not counted at all (its ticks end up in its parent's cutime/cstime, which this does not read):
+# this matters only for servers that fork per connection; every contender here keeps its
+# processes for the whole run (tinyproxy 1.11 serves connections on threads).
+cpu_delta() { # before-file after-file
+  awk 'NR == FNR { b[$1] = $2; next } { d += $2 - (($1 in b) ? b[$1] : 0) } END { print d + 0 }' "$1" "$2"
+}
+
+oha_run() { # scenario contender url [oha args...]
+  # CPU_PIDS="pid …": also record the CPU time of these processes (and their descendants) per
+  # request; unset or empty (the "direct" row): no CPU figure.
   local scenario=$1 contender=$2 url=$3; shift 3
-  local pid=${CPU_PID:-} before=0 ticks=
-  [ -n "$pid" ] && before=$(cpu_ticks "$pid")
+  local pids=${CPU_PIDS:-} ticks=
+  # shellcheck disable=SC2086 # a list of pids
+  [ -z "$pids" ] || cpu_snapshot $pids > "$WORK/cpu.before"
   if $CLIENT_CPUS oha --no-tui --output-format json -z "${DURATION}s" -c "$CONNECTIONS" "$@" "$url" > "$WORK/oha.json" 2>"$WORK/oha.err"; then
-    [ -n "$pid" ] && ticks=$(($(cpu_ticks "$pid") - before))
+    if [ -n "$pids" ]; then
+      # shellcheck disable=SC2086
+      cpu_snapshot $pids > "$WORK/cpu.after"
+      ticks=$(cpu_delta "$WORK/cpu.before" "$WORK/cpu.after")
+    fi
     CPU_TICKS=$ticks CLK_TCK=$(getconf CLK_TCK) \
       python3 "$ROOT/bench/report.py" oha "$WORK/oha.json" "$scenario" "$contender" "$RESULTS"
   else
@@ -278,33 +457,50 @@ SMALL=http://127.0.0.1:18080/small
 for round in $(seq 1 "$ROUNDS"); do
   if want 1; then
   log "round $round/$ROUNDS: scenario 1 (plain HTTP keep-alive, $CONNECTIONS connections)"
-  oha_run "1 plain HTTP" direct "$SMALL"
-  oha_run "1 plain HTTP" "nginx reverse proxy" http://127.0.0.1:18081/small
-  oha_run "1 plain HTTP" squid "$SMALL" -x http://127.0.0.1:13128
-  oha_run "1 plain HTTP" tinyproxy "$SMALL" -x http://127.0.0.1:18888
-  CPU_PID=$PORTCULLIS_PID oha_run "1 plain HTTP" portcullis "$SMALL" -x http://127.0.0.1:3128
-  [ -z "$BASELINE" ] || CPU_PID=$BASELINE_PID oha_run "1 plain HTTP" "portcullis (baseline)" "$SMALL" -x http://127.0.0.1:3129
+  CPU_PIDS='' oha_run "1 plain HTTP" direct "$SMALL"
+  CPU_PIDS=$NGINX_RP_PID oha_run "1 plain HTTP" "nginx reverse proxy" http://127.0.0.1:18081/small
+  CPU_PIDS=$SQUID_PID oha_run "1 plain HTTP" squid "$SMALL" -x http://127.0.0.1:13128
+  CPU_PIDS=$TINYPROXY_PID oha_run "1 plain HTTP" tinyproxy "$SMALL" -x http://127.0.0.1:18888
+  CPU_PIDS=$ATS_PID oha_run "1 plain HTTP" ats "$SMALL" -x http://127.0.0.1:18090
+  CPU_PIDS=$PORTCULLIS_PID oha_run "1 plain HTTP" portcullis "$SMALL" -x http://127.0.0.1:3128
+  [ -z "$BASELINE" ] || CPU_PIDS=$BASELINE_PID oha_run "1 plain HTTP" "portcullis (baseline)" "$SMALL" -x http://127.0.0.1:3129
   fi
 
+  # ATS is not in scenario 6: the scenario compares Portcullis' audit file with its stdout, and
+  # the ATS counterpart (an access log to a file) would need a second ATS configuration.
   if want 6; then
   log "round $round: scenario 6 (scenario 1 with audit to a file)"
   start_portcullis "$WORK/portcullis-audit.toml"
-  oha_run "6 plain HTTP, audit file" portcullis "$SMALL" -x http://127.0.0.1:3128
+  CPU_PIDS=$PORTCULLIS_PID oha_run "6 plain HTTP, audit file" portcullis "$SMALL" -x http://127.0.0.1:3128
   start_portcullis "$WORK/portcullis.toml"
-  oha_run "6 plain HTTP, audit file" "portcullis (audit to stdout→/dev/null)" "$SMALL" -x http://127.0.0.1:3128
+  CPU_PIDS=$PORTCULLIS_PID oha_run "6 plain HTTP, audit file" "portcullis (audit to stdout→/dev/null)" "$SMALL" -x http://127.0.0.1:3128
+  fi
+
+  if want 7; then
+  log "round $round: scenario 7 (realistic: plain HTTP, audit file, credential injected, metrics)"
+  : > "$WORK/audit-realistic.log"
+  start_portcullis "$WORK/portcullis-realistic.toml"
+  CPU_PIDS=$PORTCULLIS_PID oha_run "7 realistic" portcullis "$SMALL" -x http://127.0.0.1:3128
+  if [ -n "$BASELINE" ]; then
+    : > "$WORK/audit-realistic-baseline.log"
+    start_baseline "$WORK/portcullis-baseline-realistic.toml"
+    CPU_PIDS=$BASELINE_PID oha_run "7 realistic" "portcullis (baseline)" "$SMALL" -x http://127.0.0.1:3129
+    start_baseline "$WORK/portcullis-baseline.toml"
+  fi
+  start_portcullis "$WORK/portcullis.toml"
   fi
 
   if want 3; then
   log "round $round: scenario 3 (intercepted HTTPS, keep-alive)"
-  oha_run "3 intercepted keep-alive" squid https://127.0.0.1:18443/small -x http://127.0.0.1:13129 --insecure
-  CPU_PID=$PORTCULLIS_PID oha_run "3 intercepted keep-alive" portcullis https://127.0.0.1:18443/small -x http://127.0.0.1:3128 --insecure
-  [ -z "$BASELINE" ] || CPU_PID=$BASELINE_PID oha_run "3 intercepted keep-alive" "portcullis (baseline)" https://127.0.0.1:18443/small -x http://127.0.0.1:3129 --insecure
+  CPU_PIDS=$SQUID_PID oha_run "3 intercepted keep-alive" squid https://127.0.0.1:18443/small -x http://127.0.0.1:13129 --insecure
+  CPU_PIDS=$PORTCULLIS_PID oha_run "3 intercepted keep-alive" portcullis https://127.0.0.1:18443/small -x http://127.0.0.1:3128 --insecure
+  [ -z "$BASELINE" ] || CPU_PIDS=$BASELINE_PID oha_run "3 intercepted keep-alive" "portcullis (baseline)" https://127.0.0.1:18443/small -x http://127.0.0.1:3129 --insecure
   fi
   if want 4; then
   log "round $round: scenario 4 (intercepted HTTPS, a new connection per request)"
-  oha_run "4 intercepted new connection" squid https://127.0.0.1:18443/small -x http://127.0.0.1:13129 --insecure --disable-keepalive
-  CPU_PID=$PORTCULLIS_PID oha_run "4 intercepted new connection" portcullis https://127.0.0.1:18443/small -x http://127.0.0.1:3128 --insecure --disable-keepalive
-  [ -z "$BASELINE" ] || CPU_PID=$BASELINE_PID oha_run "4 intercepted new connection" "portcullis (baseline)" https://127.0.0.1:18443/small -x http://127.0.0.1:3129 --insecure --disable-keepalive
+  CPU_PIDS=$SQUID_PID oha_run "4 intercepted new connection" squid https://127.0.0.1:18443/small -x http://127.0.0.1:13129 --insecure --disable-keepalive
+  CPU_PIDS=$PORTCULLIS_PID oha_run "4 intercepted new connection" portcullis https://127.0.0.1:18443/small -x http://127.0.0.1:3128 --insecure --disable-keepalive
+  [ -z "$BASELINE" ] || CPU_PIDS=$BASELINE_PID oha_run "4 intercepted new connection" "portcullis (baseline)" https://127.0.0.1:18443/small -x http://127.0.0.1:3129 --insecure --disable-keepalive
   fi
 
   if want 2; then
@@ -326,7 +522,7 @@ idle=$(rss_kib "$PORTCULLIS_PID")
 record "5 memory" portcullis "idle RSS MiB" "$(python3 -c "print(f'{$idle / 1024:.1f}')")"
 python3 "$ROOT/bench/tunnels.py" 127.0.0.1 3128 127.0.0.1:18443 "$TUNNELS" "$WORK/tunnels.ready" &
 HOLDER=$!
-PIDS+=($HOLDER)
+PIDS+=("$HOLDER")
 for _ in $(seq 1 600); do [ -f "$WORK/tunnels.ready" ] && break; sleep 0.1; done
 opened=$(cat "$WORK/tunnels.ready" 2>/dev/null || echo 0)
 sleep 1
@@ -337,9 +533,11 @@ record "5 memory" portcullis "RSS with tunnels MiB" "$(python3 -c "print(f'{$loa
 if [ "$opened" -gt 0 ]; then
   record "5 memory" portcullis "KiB per tunnel" "$(python3 -c "print(f'{($loaded - $idle) / $opened:.1f}')")"
 fi
-for name in squid tinyproxy; do
-  pid=$(pgrep -o -x "$name" || true)
-  [ -n "$pid" ] && record "5 memory" "$name" "idle RSS MiB" "$(python3 -c "print(f'{$(rss_kib "$pid") / 1024:.1f}')")"
+# This run's own processes (not pgrep by name: another instance may run on the machine).
+for entry in "squid:$SQUID_PID" "tinyproxy:$TINYPROXY_PID" "ats:$ATS_PID"; do
+  pid=${entry#*:}
+  kib=$(rss_kib "$pid" 2>/dev/null || true)
+  [ -n "$kib" ] && record "5 memory" "${entry%%:*}" "idle RSS MiB" "$(python3 -c "print(f'{$kib / 1024:.1f}')")"
 done
 stop_portcullis
 fi

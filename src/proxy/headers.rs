@@ -23,7 +23,7 @@ pub fn precheck(method: &Method, headers: &HeaderMap) -> Result<(), ProxyError> 
 }
 
 /// Headers that describe one hop (RFC 9110 §7.6.1), plus those `Connection` names.
-const HOP_BY_HOP: [HeaderName; 7] = [
+static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -34,31 +34,50 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 ];
 
 /// The proxy's own request header (spec §12): only the proxy says which client sent a request.
-const PORTCULLIS_CLIENT: HeaderName = HeaderName::from_static("portcullis-client");
+static PORTCULLIS_CLIENT: HeaderName = HeaderName::from_static("portcullis-client");
 
 /// Removes hop-by-hop headers, including every header the `Connection` header lists.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names costs less than a removal (a hash
-    // lookup) per name.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
-        return;
+    // One pass over the names finds which are present (usually none, or `Connection` alone):
+    // a removal is a hash lookup, and this runs twice per request.
+    let mut present = [false; 7];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present[i] = true;
+        }
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
+    if present[0] {
+        let mut values = headers.get_all(header::CONNECTION).iter();
+        if let (Some(_), None) = (values.next(), values.next()) {
+            // One `Connection` value (the usual case): its names are removed by `&str`, which
+            // needs no allocation.
+            if let Some(value) = headers.remove(header::CONNECTION) {
+                for name in value.to_str().unwrap_or_default().split(',') {
+                    headers.remove(name.trim());
+                }
+            }
+        } else {
+            let named: Vec<HeaderName> = headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+                .collect();
+            for name in &named {
+                headers.remove(name);
+            }
+        }
+    }
+    for (hop, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, here)| *here) {
+        headers.remove(hop);
     }
 }
 
 /// What every relayed request gets: no hop-by-hop headers, our `Via`.
 pub fn prepare_request_headers(headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
-    headers.remove(PORTCULLIS_CLIENT);
+    headers.remove(&PORTCULLIS_CLIENT);
     headers.append(header::VIA, VIA_VALUE);
 }
 
@@ -120,6 +139,30 @@ mod tests {
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["accept", "via"]);
         assert_eq!(h[header::VIA], "1.1 portcullis");
+    }
+
+    #[test]
+    fn names_in_several_connection_values_go_too_and_others_stay() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("X-One"));
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("x-two , Close"),
+        );
+        for name in ["x-one", "x-two", "close", "x-three", "server"] {
+            h.insert(name, HeaderValue::from_static("v"));
+        }
+        strip_hop_by_hop(&mut h);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-three", "server"]);
+
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::SERVER, HeaderValue::from_static("nginx"));
+        prepare_response_headers(&mut h);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["server", "via"]);
     }
 
     #[test]

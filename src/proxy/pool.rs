@@ -27,7 +27,6 @@ use hyper_util::rt::TokioIo;
 use crate::body::Body;
 use crate::net::{DialError, Dialer};
 use crate::policy::Host;
-use crate::proxy::upstream::UpstreamAddr;
 
 /// How long an idle connection stays pooled.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -112,7 +111,10 @@ impl H1Pool {
     /// Sends `req` (an absolute-form `http://` URI) on a pooled or new connection, in origin
     /// form with a `Host` header (added from the URI when the client sent none). A request that
     /// a reused connection dropped before sending any of it is retried once on a new connection.
-    pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Body>, PoolError> {
+    pub async fn send(
+        &self,
+        mut req: Request<Body>,
+    ) -> Result<(Response<Body>, SocketAddr), PoolError> {
         let authority = req.uri().authority().cloned().ok_or(PoolError::NoHost)?;
         if !req.headers().contains_key(HOST) {
             let value = HeaderValue::from_str(authority.as_str()).map_err(|_| PoolError::NoHost)?;
@@ -127,7 +129,10 @@ impl H1Pool {
                 None => self.connect(&authority).await?,
             };
             match conn.sender.try_send_request(req).await {
-                Ok(response) => return Ok(self.pooled(response, conn, authority)),
+                Ok(response) => {
+                    let addr = conn.addr;
+                    return Ok((self.pooled(response, conn, authority), addr));
+                }
                 Err(mut failed) => match failed.take_message() {
                     // The server closed the idle connection as we picked it: nothing was sent.
                     Some(unsent) if was_reused => req = unsent,
@@ -190,16 +195,14 @@ impl H1Pool {
         })
     }
 
-    /// The response with its upstream address attached and a body that returns `conn` to the
-    /// pool when it ends.
+    /// The response with a body that returns `conn` to the pool when it ends.
     fn pooled(
         &self,
         response: Response<Incoming>,
         conn: Conn,
         authority: Authority,
     ) -> Response<Body> {
-        let (mut parts, incoming) = response.into_parts();
-        parts.extensions.insert(UpstreamAddr(conn.addr));
+        let (parts, incoming) = response.into_parts();
         let body = PooledBody {
             inner: incoming,
             give_back: Some(GiveBack {

@@ -36,7 +36,7 @@ use super::headers::{precheck, prepare_request_headers, prepare_response_headers
 use super::minted::Token;
 use super::outcome;
 use super::state::{ConnCtx, Snapshot};
-use super::upstream::{self, UpstreamAddr};
+use super::upstream;
 use crate::body::{self, Body};
 use crate::credentials::{inject, sigv4, AwsSigV4, Credential, Echoes, Masked};
 use crate::error::ProxyError;
@@ -530,10 +530,9 @@ async fn send(
         }
         Ok(Ok(response)) => response,
     };
+    let (response, addr) = response;
+    record.event.upstream_addr = addr;
     let (mut parts, body) = response.into_parts();
-    if let Some(UpstreamAddr(addr)) = parts.extensions.get::<UpstreamAddr>() {
-        record.event.upstream_addr = Some(*addr);
-    }
     prepare_response_headers(&mut parts.headers);
     Ok(Response::from_parts(parts, body))
 }

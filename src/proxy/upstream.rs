@@ -1,6 +1,6 @@
-//! Pooled upstream HTTP clients, and what their failures mean. Connections are opened by [`crate::net::Dialer`], so pooled or
-//! fresh, every upstream socket went to an address destination safety judged; the address is
-//! attached to each response as [`UpstreamAddr`] for the audit trail.
+//! Pooled upstream HTTP clients, and what their failures mean. Connections are opened by
+//! [`crate::net::Dialer`], so pooled or fresh, every upstream socket went to an address
+//! destination safety judged; that address comes back with each response for the audit trail.
 //!
 //! Clients are built once per configuration snapshot, never per request.
 
@@ -24,7 +24,7 @@ use crate::net::{DialError, Dialer, OpenedSocket};
 use crate::policy::Host;
 use crate::proxy::pool::{H1Pool, PoolError};
 
-/// The address an upstream response came from (in the response's extensions).
+/// The address an upstream response came from (how the TLS client's connector reports it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UpstreamAddr(pub SocketAddr);
 
@@ -176,13 +176,22 @@ impl Upstreams {
         }
     }
 
-    /// Sends `req` (absolute-form URI) on the client for its scheme; the response carries its
-    /// [`UpstreamAddr`].
-    pub async fn request(&self, req: Request<Body>) -> Result<Response<Body>, UpstreamError> {
+    /// Sends `req` (absolute-form URI) on the client for its scheme; returns the response and
+    /// the address it came from.
+    pub async fn request(
+        &self,
+        req: Request<Body>,
+    ) -> Result<(Response<Body>, Option<SocketAddr>), UpstreamError> {
         if req.uri().scheme_str() == Some("https") {
-            Ok(boxed_response(self.https.request(req).await?))
+            let mut response = self.https.request(req).await?;
+            let addr = response.extensions_mut().remove::<UpstreamAddr>();
+            Ok((
+                boxed_response(response),
+                addr.map(|UpstreamAddr(addr)| addr),
+            ))
         } else {
-            Ok(self.http.send(req).await?)
+            let (response, addr) = self.http.send(req).await?;
+            Ok((response, Some(addr)))
         }
     }
 }
@@ -202,7 +211,7 @@ impl Upstreams {
         use http_body_util::BodyExt;
         let host = req.uri().host().unwrap_or_default().to_owned();
         let exchange = async {
-            let response = self
+            let (response, _) = self
                 .request(req)
                 .await
                 .map_err(|e| format!("{what} unreachable ({})", failure(&host, &e)))?;

@@ -218,10 +218,7 @@ mod tests {
             "ends with a control\u{1}",
             "0123456789abcde\u{0}",
         ] {
-            assert_eq!(
-                written(|o| string(o, s)),
-                serde_json::to_string(s).unwrap()
-            );
+            assert_eq!(written(|o| string(o, s)), serde_json::to_string(s).unwrap());
         }
         for bytes in [
             &b"ok\xff\xfe\""[..],
@@ -260,17 +257,28 @@ mod tests {
     #[test]
     fn numbers_and_addresses_match_serde_json() {
         for n in [0u64, 7, 10, 65_535, u64::MAX] {
-            assert_eq!(written(|o| integer(o, n)), serde_json::to_string(&n).unwrap());
+            assert_eq!(
+                written(|o| integer(o, n)),
+                serde_json::to_string(&n).unwrap()
+            );
         }
         for f in [0.0, 12.3, 0.001, 1234.567, 1e-7, 1e21] {
             assert_eq!(written(|o| float(o, f)), serde_json::to_string(&f).unwrap());
         }
         assert_eq!(written(|o| float(o, f64::NAN)), "null");
-        for a in ["10.1.2.3:51234", "0.0.0.0:0", "[::1]:443", "[2001:db8::1%3]:80"] {
+        for a in [
+            "10.1.2.3:51234",
+            "0.0.0.0:0",
+            "[::1]:443",
+            "[2001:db8::1%3]:80",
+        ] {
             let addr: SocketAddr = a.parse().unwrap();
             assert_eq!(written(|o| socket_addr(o, addr)), format!("\"{addr}\""));
         }
-        assert_eq!(written(|o| hex_id(o, 0xa1b2_c3d4_e5f6)), "\"0000a1b2c3d4e5f6\"");
+        assert_eq!(
+            written(|o| hex_id(o, 0xa1b2_c3d4_e5f6)),
+            "\"0000a1b2c3d4e5f6\""
+        );
         assert_eq!(written(|o| hex_id(o, u64::MAX)), "\"ffffffffffffffff\"");
     }
 

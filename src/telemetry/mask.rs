@@ -183,6 +183,17 @@ impl Masker {
         self.headers.iter().any(|hidden| hidden == name)
     }
 
+    /// `map` as the JSON object an audit event shows ([`Masker::write_headers`]), or `None` when
+    /// `audit.log_headers` is off. Written when the headers are seen, so the event holds a few
+    /// bytes rather than a clone of the header map.
+    pub fn headers_json(&self, map: &HeaderMap) -> Option<Vec<u8>> {
+        self.log_headers.then(|| {
+            let mut json = Vec::with_capacity(48 * map.len() + 2);
+            self.write_headers(&mut json, map);
+            json
+        })
+    }
+
     /// Appends `map` to `out` as a JSON object of header names to values, masked values replaced
     /// by [`HIDDEN`] and repeated headers joined with `, `.
     pub fn write_headers(&self, out: &mut Vec<u8>, map: &HeaderMap) {

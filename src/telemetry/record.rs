@@ -37,6 +37,12 @@ pub struct Record {
     runtime_secrets: Vec<Arc<Echoes>>,
 }
 
+/// The rule label of a request no rule matched (yet): one shared string, not one per request.
+fn no_rule_label() -> Arc<str> {
+    static NONE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from("none"));
+    NONE.clone()
+}
+
 impl Record {
     /// A new record of `kind` for a client at `peer`.
     pub fn new(
@@ -78,7 +84,7 @@ impl Record {
             },
             started: Instant::now(),
             request_body: Arc::new(BodyProgress::default()),
-            rule_label: Arc::from("none"),
+            rule_label: no_rule_label(),
             masker,
             runtime_secrets: Vec::new(),
         }
@@ -125,11 +131,9 @@ impl Record {
         }
     }
 
-    /// Records the request headers as sent upstream (masked when written).
+    /// Records the request headers as sent upstream (masked).
     pub fn request_headers(&mut self, headers: &HeaderMap) {
-        if self.masker.log_headers() {
-            self.event.request_headers = Some(headers.clone());
-        }
+        self.event.request_headers = self.masker.headers_json(headers);
     }
 
     /// Records a refusal or failure. Policy refusals are `deny` with a `reason`; failures after
@@ -291,8 +295,8 @@ impl Telemetry {
         response: Response<Body>,
     ) -> Response<Body> {
         record.event.status = Some(response.status().as_u16());
-        if record.event.kind == Kind::Request && record.masker.log_headers() {
-            record.event.response_headers = Some(response.headers().clone());
+        if record.event.kind == Kind::Request {
+            record.event.response_headers = record.masker.headers_json(response.headers());
         }
         let (parts, inner) = response.into_parts();
         let body = Observed {

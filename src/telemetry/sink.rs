@@ -188,17 +188,17 @@ fn write_loop(mut out: Output, rx: Receiver<Message>) {
                     .write(&mut bytes);
                     let result = String::from_utf8(bytes)
                         .map_err(std::io::Error::other)
-                    .and_then(|text| {
-                        line = text;
-                        masker.scrub(&mut line);
-                        for secret in &runtime {
-                            if let Some(scrubbed) = secret.replace_all(&line, HIDDEN) {
-                                line = scrubbed;
+                        .and_then(|text| {
+                            line = text;
+                            masker.scrub(&mut line);
+                            for secret in &runtime {
+                                if let Some(scrubbed) = secret.replace_all(&line, HIDDEN) {
+                                    line = scrubbed;
+                                }
                             }
-                        }
-                        line.push('\n');
-                        out.write_all(line.as_bytes())
-                    });
+                            line.push('\n');
+                            out.write_all(line.as_bytes())
+                        });
                     match result {
                         Err(e) if !failing => {
                             failing = true;
