@@ -41,10 +41,19 @@ fn plain(bytes: &[u8], ascii_only: bool) -> bool {
             return false;
         }
     }
-    words
-        .remainder()
-        .iter()
-        .all(|&b| !must_escape(b) && (!ascii_only || b.is_ascii()))
+    // The tail as one more word, padded with a byte that needs no care.
+    let tail = words.remainder();
+    let mut lanes = [b'a'; 8];
+    lanes[..tail.len()].copy_from_slice(tail);
+    !word_needs_care(u64::from_le_bytes(lanes), ascii_only)
+}
+
+/// Appends a header name as a JSON string: header names are tokens (RFC 9110 §5.1), which
+/// never need escaping.
+pub fn header_name(out: &mut Vec<u8>, name: &http::HeaderName) {
+    out.push(b'"');
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.push(b'"');
 }
 
 /// Appends `s` as a JSON string.
@@ -250,6 +259,18 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn no_byte_a_header_name_may_hold_needs_escaping() {
+        for b in 0..=255u8 {
+            if let Ok(name) = http::HeaderName::from_bytes(&[b, b'x']) {
+                assert_eq!(
+                    written(|o| header_name(o, &name)),
+                    serde_json::to_string(name.as_str()).unwrap()
+                );
             }
         }
     }

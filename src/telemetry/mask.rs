@@ -48,7 +48,7 @@ pub const MASKED_QUERY_PARAMS: [&str; 13] = [
 
 /// Masks header values, query parameters and secret values (one per snapshot).
 pub struct Masker {
-    headers: Vec<HeaderName>,
+    headers: foldhash::HashSet<HeaderName>,
     query_params: HashSet<String>,
     secrets: Secrets,
     log_headers: bool,
@@ -88,7 +88,7 @@ impl Masker {
     /// resolved secret (with the full header values built from them, e.g. a Basic pair's base64).
     pub fn new(config: &Config) -> Self {
         // Names that are not valid header names can never match a header: they are skipped.
-        let mut headers: Vec<HeaderName> = MASKED_HEADERS
+        let mut headers: foldhash::HashSet<HeaderName> = MASKED_HEADERS
             .iter()
             .copied()
             .chain(config.audit.mask_headers.iter().map(String::as_str))
@@ -96,7 +96,7 @@ impl Masker {
             .collect();
         let mut secrets = Vec::new();
         for cred in config.credentials.values() {
-            headers.push(cred.header.clone());
+            headers.insert(cred.header.clone());
             secrets.push(Zeroizing::new(cred.secret.expose().to_owned()));
             if let Ok(full) = cred.value.to_str() {
                 secrets.push(Zeroizing::new(full.to_owned()));
@@ -131,8 +131,6 @@ impl Masker {
                 secrets.push(Zeroizing::new(token.expose().to_owned()));
             }
         }
-        headers.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-        headers.dedup();
         let mut query_params: HashSet<String> = MASKED_QUERY_PARAMS
             .iter()
             .map(|s| (*s).to_owned())
@@ -178,9 +176,9 @@ impl Masker {
 
     /// Whether values of header `name` are hidden.
     fn hides(&self, name: &HeaderName) -> bool {
-        // A short list compared by `HeaderName` (an enum tag for standard headers) costs less
-        // than hashing the name.
-        self.headers.iter().any(|hidden| hidden == name)
+        // foldhash: a standard header hashes as its enum tag, so a lookup costs less than
+        // comparing the name with each of the dozen masked ones.
+        self.headers.contains(name)
     }
 
     /// `map` as the JSON object an audit event shows ([`Masker::write_headers`]), or `None` when
@@ -197,31 +195,42 @@ impl Masker {
     /// Appends `map` to `out` as a JSON object of header names to values, masked values replaced
     /// by [`HIDDEN`] and repeated headers joined with `, `.
     pub fn write_headers(&self, out: &mut Vec<u8>, map: &HeaderMap) {
-        use crate::telemetry::json::{lossy_string, string};
+        use crate::telemetry::json::{header_name, lossy_string, string};
         out.push(b'{');
-        // `iter` yields every value of a name before the next name.
-        let mut entries = map.iter().peekable();
-        let mut first = true;
-        while let Some((name, value)) = entries.next() {
-            if !first {
-                out.push(b',');
-            }
-            first = false;
-            string(out, name.as_str());
-            out.push(b':');
-            let repeated = entries.peek().is_some_and(|(next, _)| *next == name);
-            if self.hides(name) {
-                while entries.next_if(|(next, _)| *next == name).is_some() {}
-                string(out, HIDDEN);
-            } else if repeated {
-                let mut joined = String::from_utf8_lossy(value.as_bytes()).into_owned();
-                while let Some((_, more)) = entries.next_if(|(next, _)| *next == name) {
-                    joined.push_str(", ");
-                    joined.push_str(&String::from_utf8_lossy(more.as_bytes()));
+        if map.len() == map.keys_len() {
+            // No repeated names (nearly always): one value per name, nothing to join.
+            for (i, (name, value)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
                 }
-                string(out, &joined);
-            } else {
-                lossy_string(out, value.as_bytes());
+                header_name(out, name);
+                out.push(b':');
+                if self.hides(name) {
+                    string(out, HIDDEN);
+                } else {
+                    lossy_string(out, value.as_bytes());
+                }
+            }
+        } else {
+            for (i, name) in map.keys().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                header_name(out, name);
+                out.push(b':');
+                let mut values = map.get_all(name).iter();
+                if self.hides(name) {
+                    string(out, HIDDEN);
+                } else if let (Some(one), None) = (values.next(), values.next()) {
+                    lossy_string(out, one.as_bytes());
+                } else {
+                    let joined: Vec<std::borrow::Cow<'_, str>> = map
+                        .get_all(name)
+                        .iter()
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()))
+                        .collect();
+                    string(out, &joined.join(", "));
+                }
             }
         }
         out.push(b'}');
