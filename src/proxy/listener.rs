@@ -21,10 +21,10 @@ use crate::telemetry::Gauged;
 
 /// Accepts client connections until the future is dropped (when shutdown begins), each served
 /// by `serve` (the proxy listener's HTTP/1.1, or transparent mode's redirected connections)
-/// once it has a connection slot.
+/// once it has a connection slot, on one of the serving threads ([`super::workers`]).
 pub async fn accept_loop<F, Fut>(state: &Arc<State>, listener: &TcpListener, serve: F)
 where
-    F: Fn(ConnCtx, TcpStream) -> Fut,
+    F: Fn(ConnCtx, TcpStream) -> Fut + Copy + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     loop {
@@ -55,13 +55,26 @@ where
             continue;
         };
         let _ = stream.set_nodelay(true);
+        // The socket moves to the serving thread's own I/O driver.
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepted connection lost");
+                continue;
+            }
+        };
         let active = Gauged::new(&state.telemetry.metrics.active_connections);
         let conn = ConnCtx::new(state.clone(), peer, slot);
-        let served = serve(conn, stream);
-        state.tasks.spawn(async move {
-            served.await;
-            drop(active);
-        });
+        state.tasks.spawn_on(
+            async move {
+                match TcpStream::from_std(stream) {
+                    Ok(stream) => serve(conn, stream).await,
+                    Err(e) => tracing::warn!(error = %e, "accepted connection lost"),
+                }
+                drop(active);
+            },
+            state.workers.pick(),
+        );
     }
 }
 

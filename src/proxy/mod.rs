@@ -26,6 +26,7 @@ pub mod state;
 mod transparent;
 mod tunnel;
 pub mod upstream;
+mod workers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -65,6 +66,9 @@ pub enum ServerError {
     /// The CA or the upstream TLS configuration could not be set up.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The serving threads could not be started.
+    #[error("cannot start serving threads: {0}")]
+    Workers(std::io::Error),
     /// The signing key could not be loaded or generated.
     #[error(transparent)]
     Signing(#[from] crate::signing::SigningError),
@@ -186,6 +190,7 @@ pub async fn start(config: Config) -> Result<ProxyHandle, ServerError> {
         interceptor,
         telemetry,
         max_connections,
+        workers::Workers::start().map_err(ServerError::Workers)?,
     ));
     let admin = Admin {
         metrics,
@@ -339,6 +344,7 @@ async fn supervise(
     }
     state.hard_stop.cancel();
     state.tasks.wait().await;
+    state.workers.stop();
     let _ = admin_task.await;
     let _ = watcher.await;
     // Every request and tunnel has ended: write out the last audit events.

@@ -76,9 +76,22 @@ struct Idle {
     by_authority: foldhash::HashMap<Authority, Vec<Conn>>,
 }
 
+/// Idle connections are kept per serving thread ([`super::workers`]): a connection's task runs
+/// on the thread that opened it, so reusing it from that thread keeps the exchange on one
+/// thread (and the shards' locks uncontended).
+const SHARDS: usize = 64;
+
 struct Shared {
     dialer: Dialer,
-    idle: Mutex<Idle>,
+    idle: Box<[Mutex<Idle>]>,
+}
+
+impl Shared {
+    /// The idle connections of the calling thread's shard.
+    fn shard(&self) -> &Mutex<Idle> {
+        // `idle` has SHARDS entries, so the index is always in range.
+        &self.idle[super::workers::current() % SHARDS]
+    }
 }
 
 /// A pool of HTTP/1.1 upstream connections; clones share it. Built once per configuration
@@ -100,7 +113,7 @@ impl H1Pool {
     pub fn new(dialer: Dialer) -> Self {
         let shared = Arc::new(Shared {
             dialer,
-            idle: Mutex::new(Idle::default()),
+            idle: (0..SHARDS).map(|_| Mutex::default()).collect(),
         });
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(sweep(Arc::downgrade(&shared)));
@@ -147,7 +160,7 @@ impl H1Pool {
     async fn checkout(&self, authority: &Authority) -> Option<Conn> {
         let mut busy = None;
         {
-            let mut idle = self.shared.idle.lock().ok()?;
+            let mut idle = self.shared.shard().lock().ok()?;
             let conns = idle.by_authority.get_mut(authority)?;
             while let Some(conn) = conns.pop() {
                 if conn.sender.is_closed() || conn.idle_since.elapsed() > IDLE_TIMEOUT {
@@ -230,7 +243,7 @@ impl GiveBack {
         let Some(shared) = self.pool.upgrade() else {
             return;
         };
-        let Ok(mut idle) = shared.idle.lock() else {
+        let Ok(mut idle) = shared.shard().lock() else {
             return;
         };
         let conns = idle.by_authority.entry(self.authority).or_default();
@@ -306,13 +319,15 @@ async fn sweep(pool: Weak<Shared>) {
         let Some(shared) = pool.upgrade() else {
             return;
         };
-        let Ok(mut idle) = shared.idle.lock() else {
-            return;
-        };
-        idle.by_authority.retain(|_, conns| {
-            conns.retain(|c| !c.sender.is_closed() && c.idle_since.elapsed() <= IDLE_TIMEOUT);
-            !conns.is_empty()
-        });
+        for shard in &shared.idle {
+            let Ok(mut idle) = shard.lock() else {
+                continue;
+            };
+            idle.by_authority.retain(|_, conns| {
+                conns.retain(|c| !c.sender.is_closed() && c.idle_since.elapsed() <= IDLE_TIMEOUT);
+                !conns.is_empty()
+            });
+        }
     }
 }
 

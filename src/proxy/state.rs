@@ -109,6 +109,8 @@ pub struct State {
     pub issuer_keys: KeyCache,
     /// The signing public key the admin listener serves (follows the snapshot).
     pub published_key: crate::signing::Published,
+    /// The threads client connections are served on.
+    pub workers: super::workers::Workers,
     connections: Arc<Semaphore>,
 }
 
@@ -120,6 +122,7 @@ impl State {
         interceptor: Interceptor,
         telemetry: Arc<Telemetry>,
         max_connections: usize,
+        workers: super::workers::Workers,
     ) -> Self {
         snapshot.export_at_zero(&telemetry.metrics);
         let published_key = crate::signing::Published::default();
@@ -135,6 +138,7 @@ impl State {
             hard_stop: CancellationToken::new(),
             interceptor,
             telemetry,
+            workers,
             connections: Arc::new(Semaphore::new(max_connections)),
         }
     }
