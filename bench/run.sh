@@ -25,6 +25,8 @@ SCENARIOS=${SCENARIOS:-1234567}
 # BASELINE=/path/to/portcullis: another build (e.g. of an older commit) measured in the same run
 # as "portcullis (baseline)" in scenarios 1, 3, 4 and 7, on ports 3129/9091.
 BASELINE=${BASELINE:-}
+# Seconds of quiet before each load measurement.
+SETTLE=${SETTLE:-2}
 [ -z "$BASELINE" ] || BASELINE=$(realpath "$BASELINE")
 # PORTCULLIS_BIN=/path/to/portcullis: measure this binary instead of building with cargo.
 PORTCULLIS_BIN=${PORTCULLIS_BIN:-}
@@ -426,6 +428,10 @@ oha_run() { # scenario contender url [oha args...]
   # request; unset or empty (the "direct" row): no CPU figure.
   local scenario=$1 contender=$2 url=$3; shift 3
   local pids=${CPU_PIDS:-} ticks=
+  # Let the previous measurement's connections close and its servers go quiet first, so no
+  # contender is measured in the wake of another (tinyproxy and ATS were still busy closing
+  # hundreds of connections a second after oha stopped).
+  sleep "$SETTLE"
   # shellcheck disable=SC2086 # a list of pids
   [ -z "$pids" ] || cpu_snapshot $pids > "$WORK/cpu.before"
   if $CLIENT_CPUS oha --no-tui --output-format json -z "${DURATION}s" -c "$CONNECTIONS" "$@" "$url" > "$WORK/oha.json" 2>"$WORK/oha.err"; then
