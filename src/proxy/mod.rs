@@ -233,9 +233,13 @@ pub async fn start(config: Config) -> Result<ProxyHandle, ServerError> {
 /// Runs until SIGTERM or SIGINT, then shuts down gracefully. SIGHUP reopens the audit output
 /// and reloads the configuration.
 pub async fn run(config: Config) -> Result<(), ServerError> {
+    // The handlers are installed before the listeners are bound: a signal that arrives as soon
+    // as the proxy accepts must drain or reload it, not kill it (the default action).
+    let stop = stop_signal();
+    let hangup = hangup_signal();
     let handle = start(config).await?;
-    let hangups = tokio::spawn(on_hangup(handle.reloader.clone()));
-    wait_for_stop_signal().await;
+    let hangups = tokio::spawn(on_hangup(hangup, handle.reloader.clone()));
+    stop.await;
     hangups.abort();
     tracing::info!("shutdown requested: draining");
     handle.shutdown();
@@ -245,9 +249,23 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
 }
 
 #[cfg(unix)]
-async fn on_hangup(reloader: Arc<Reloader>) {
+type Hangup = std::io::Result<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangup = ();
+
+/// SIGHUP's handler, installed now.
+#[cfg(unix)]
+fn hangup_signal() -> Hangup {
     use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+    signal(SignalKind::hangup())
+}
+
+#[cfg(not(unix))]
+fn hangup_signal() -> Hangup {}
+
+#[cfg(unix)]
+async fn on_hangup(hangup: Hangup, reloader: Arc<Reloader>) {
+    let Ok(mut hup) = hangup else {
         tracing::warn!("cannot listen for SIGHUP: reload by editing the config file instead");
         return;
     };
@@ -259,30 +277,36 @@ async fn on_hangup(reloader: Arc<Reloader>) {
 }
 
 #[cfg(not(unix))]
-async fn on_hangup(_reloader: Arc<Reloader>) {}
+async fn on_hangup(_hangup: Hangup, _reloader: Arc<Reloader>) {}
 
+/// SIGTERM's and SIGINT's handlers, installed now; the future ends at the first of them.
 #[cfg(unix)]
-async fn wait_for_stop_signal() {
+fn stop_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    match (
+    let signals = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+    );
+    async move {
+        match signals {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }
 
 #[cfg(not(unix))]
-async fn wait_for_stop_signal() {
-    let _ = tokio::signal::ctrl_c().await;
+fn stop_signal() -> impl std::future::Future<Output = ()> {
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// The bound listeners, and what the admin listener shows.

@@ -35,6 +35,10 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 const MAX_IDLE_PER_AUTHORITY: usize = 256;
 /// How often idle connections past [`IDLE_TIMEOUT`] (or closed by the server) are swept out.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// A connection idle at least this long may meet its origin's idle timeout: a bodiless
+/// idempotent request sent on it is kept so it can be sent again if the origin closes the
+/// connection instead of answering. Shorter idle times (a busy pool) skip the copy.
+const REPLAY_AFTER_IDLE: Duration = Duration::from_millis(100);
 /// How long a checkout waits for a pooled connection that is still finishing its previous
 /// exchange (writing a request body the server answered early) before dialling a new one.
 const READY_WAIT: Duration = Duration::from_millis(20);
@@ -124,7 +128,10 @@ impl H1Pool {
 
     /// Sends `req` (an absolute-form `http://` URI) on a pooled or new connection, in origin
     /// form with a `Host` header (added from the URI when the client sent none). A request that
-    /// a reused connection dropped before sending any of it is retried once on a new connection.
+    /// a reused connection dropped before sending any of it is sent again on a new connection;
+    /// so is a bodiless idempotent one (RFC 9110 §9.2.2) that a connection idle for a while
+    /// dropped after it was sent (the origin closing it at its idle timeout), as nginx retries
+    /// `proxy_next_upstream error` for idempotent requests.
     pub async fn send(
         &self,
         mut req: Request<Body>,
@@ -142,14 +149,20 @@ impl H1Pool {
                 Some(conn) => conn,
                 None => self.connect(&authority).await?,
             };
+            let replay = if was_reused && conn.idle_since.elapsed() >= REPLAY_AFTER_IDLE {
+                replayable(&req)
+            } else {
+                None
+            };
             match conn.sender.try_send_request(req).await {
                 Ok(response) => {
                     let addr = conn.addr;
                     return Ok((self.pooled(response, conn, authority), addr));
                 }
-                Err(mut failed) => match failed.take_message() {
+                Err(mut failed) => match (failed.take_message(), replay) {
                     // The server closed the idle connection as we picked it: nothing was sent.
-                    Some(unsent) if was_reused => req = unsent,
+                    (Some(unsent), _) if was_reused => req = unsent,
+                    (_, Some(copy)) => req = copy,
                     _ => return Err(PoolError::Exchange(failed.into_error())),
                 },
             }
@@ -301,6 +314,19 @@ impl http_body::Body for PooledBody {
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// A copy of `req` to send again, if it is idempotent and has no body to replay.
+fn replayable(req: &Request<Body>) -> Option<Request<Body>> {
+    if !req.method().is_idempotent() || !http_body::Body::is_end_stream(req.body()) {
+        return None;
+    }
+    let mut copy = Request::new(crate::body::empty());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
 }
 
 /// `uri` reduced to its path and query (the form an origin server expects).
