@@ -341,38 +341,30 @@ to_baseline_ports() {
 to_baseline_ports < portcullis.toml > portcullis-baseline.toml
 portcullis_realistic "$WORK/audit-realistic-baseline.log" | to_baseline_ports > portcullis-baseline-realistic.toml
 
+# The build under test (PORTCULLIS, on 3128) and the baseline build (BASELINE, on 3129), each
+# restarted with another configuration between scenarios.
+start_instance() { # $1 = pid variable, $2 = binary, $3 = config, $4 = port, $5 = log
+  stop_instance "$1"
+  $SERVER_CPUS "$2" run -c "$3" >/dev/null 2>>"$5" &
+  printf -v "$1" '%s' "$!"
+  PIDS+=("$!")
+  wait_port "$4"
+}
+stop_instance() { # $1 = pid variable
+  local pid=${!1}
+  if [ -n "$pid" ]; then
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    forget_pid "$pid"
+    printf -v "$1" '%s' ""
+  fi
+}
 PORTCULLIS_PID=
-start_portcullis() { # $1 = config
-  stop_portcullis
-  $SERVER_CPUS "$PORTCULLIS" run -c "$1" >/dev/null 2>"$WORK/portcullis.log" &
-  PORTCULLIS_PID=$!
-  PIDS+=("$PORTCULLIS_PID")
-  wait_port 3128
-}
-stop_portcullis() {
-  if [ -n "$PORTCULLIS_PID" ]; then
-    kill "$PORTCULLIS_PID" 2>/dev/null || true
-    wait "$PORTCULLIS_PID" 2>/dev/null || true
-    forget_pid "$PORTCULLIS_PID"
-    PORTCULLIS_PID=
-  fi
-}
 BASELINE_PID=
-start_baseline() { # $1 = config
-  stop_baseline
-  $SERVER_CPUS "$BASELINE" run -c "$1" >/dev/null 2>>"$WORK/baseline.log" &
-  BASELINE_PID=$!
-  PIDS+=("$BASELINE_PID")
-  wait_port 3129
-}
-stop_baseline() {
-  if [ -n "$BASELINE_PID" ]; then
-    kill "$BASELINE_PID" 2>/dev/null || true
-    wait "$BASELINE_PID" 2>/dev/null || true
-    forget_pid "$BASELINE_PID"
-    BASELINE_PID=
-  fi
-}
+start_portcullis() { start_instance PORTCULLIS_PID "$PORTCULLIS" "$1" 3128 "$WORK/portcullis.log"; }
+stop_portcullis() { stop_instance PORTCULLIS_PID; }
+start_baseline() { start_instance BASELINE_PID "$BASELINE" "$1" 3129 "$WORK/baseline.log"; }
+stop_baseline() { stop_instance BASELINE_PID; }
 wait_port() {
   for _ in $(seq 1 100); do
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0

@@ -31,6 +31,37 @@ where
     body.map_err(Into::into).boxed()
 }
 
+/// Why [`collect_limited`] stopped before the end of the body.
+#[derive(Debug)]
+pub enum CollectError<E> {
+    /// More than the limit arrived.
+    TooLarge,
+    /// The body failed (a bad chunk, a reset connection).
+    Body(E),
+}
+
+/// Reads `body` to its end into one buffer, at most `limit_bytes` of data (trailers are
+/// ignored): the one place a body is buffered whole (a request body to hash or sign, a token
+/// endpoint's or issuer's answer).
+pub async fn collect_limited<B>(
+    body: &mut B,
+    limit_bytes: usize,
+) -> Result<Bytes, CollectError<B::Error>>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    let mut whole = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.map_err(CollectError::Body)?.into_data() {
+            if whole.len() + data.len() > limit_bytes {
+                return Err(CollectError::TooLarge);
+            }
+            whole.extend_from_slice(&data);
+        }
+    }
+    Ok(whole.freeze())
+}
+
 /// Most of a refused request's body the proxy reads (and drops) so the connection stays usable.
 const DISCARD_LIMIT_BYTES: usize = 1024 * 1024;
 /// Longest it waits for that.

@@ -3,7 +3,6 @@
 //! place a request body is buffered, always up to a limit.
 
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::body;
@@ -42,18 +41,15 @@ impl ClientBody {
         if http_body::Body::size_hint(incoming).lower() > limit_bytes as u64 {
             return Err(too_large());
         }
-        let mut whole = bytes::BytesMut::new();
-        while let Some(frame) = incoming.frame().await {
-            let frame = frame
-                .map_err(|err| ProxyError::BadRequest(format!("malformed request body: {err}")))?;
-            if let Ok(data) = frame.into_data() {
-                if whole.len() + data.len() > limit_bytes {
-                    return Err(too_large());
-                }
-                whole.extend_from_slice(&data);
-            }
-        }
-        let whole = whole.freeze();
+        let whole =
+            body::collect_limited(incoming, limit_bytes)
+                .await
+                .map_err(|err| match err {
+                    body::CollectError::TooLarge => too_large(),
+                    body::CollectError::Body(err) => {
+                        ProxyError::BadRequest(format!("malformed request body: {err}"))
+                    }
+                })?;
         *self = Self::Whole(Some(whole.clone()));
         Ok(whole)
     }

@@ -22,9 +22,9 @@ pub fn precheck(method: &Method, headers: &HeaderMap) -> Result<(), ProxyError> 
     Ok(())
 }
 
-/// Headers that describe one hop (RFC 9110 §7.6.1), plus those `Connection` names.
-static HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
+/// Headers that describe one hop (RFC 9110 §7.6.1) besides `Connection`, and the names that
+/// `Connection` lists.
+static HOP_BY_HOP: [HeaderName; 6] = [
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHORIZATION,
@@ -40,38 +40,47 @@ static PORTCULLIS_CLIENT: HeaderName = HeaderName::from_static("portcullis-clien
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names finds which are present (usually none, or `Connection` alone):
     // a removal is a hash lookup, and this runs twice per request.
-    let mut present = [false; 7];
+    let mut connection = false;
+    let mut present = [false; 6];
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+        if name == header::CONNECTION {
+            connection = true;
+        } else if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
             present[i] = true;
         }
     }
-    if present[0] {
-        let mut values = headers.get_all(header::CONNECTION).iter();
-        if let (Some(_), None) = (values.next(), values.next()) {
-            // One `Connection` value (the usual case): its names are removed by `&str`, which
-            // needs no allocation.
-            if let Some(value) = headers.remove(header::CONNECTION) {
-                for name in value.to_str().unwrap_or_default().split(',') {
-                    headers.remove(name.trim());
-                }
-            }
-        } else {
-            let named: Vec<HeaderName> = headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-                .collect();
-            for name in &named {
-                headers.remove(name);
-            }
-        }
+    if connection {
+        strip_connection(headers);
     }
     for (hop, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, here)| *here) {
         headers.remove(hop);
     }
+}
+
+/// Removes `Connection` and every header it lists.
+fn strip_connection(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::CONNECTION).iter();
+    if let (Some(_), None) = (values.next(), values.next()) {
+        // One value (the usual case): its names are removed by `&str`, which needs no
+        // allocation.
+        if let Some(value) = headers.remove(header::CONNECTION) {
+            for name in value.to_str().unwrap_or_default().split(',') {
+                headers.remove(name.trim());
+            }
+        }
+        return;
+    }
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in &named {
+        headers.remove(name);
+    }
+    headers.remove(header::CONNECTION);
 }
 
 /// What every relayed request gets: no hop-by-hop headers, our `Via`.

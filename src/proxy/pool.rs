@@ -29,8 +29,8 @@ use crate::body::Body;
 use crate::net::{DialError, Dialer};
 use crate::policy::Host;
 
-/// How long an idle connection stays pooled.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long an idle upstream connection stays pooled (the TLS client's pool too).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle connections kept per authority; more are closed when they come back.
 const MAX_IDLE_PER_AUTHORITY: usize = 256;
 /// How often idle connections past [`IDLE_TIMEOUT`] (or closed by the server) are swept out.

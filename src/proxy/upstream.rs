@@ -144,7 +144,7 @@ pub fn https_client(dialer: Dialer, tls: rustls::ClientConfig) -> HttpsClient {
     Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(std::time::Duration::from_secs(90))
+        .pool_idle_timeout(crate::proxy::pool::IDLE_TIMEOUT)
         .build(connector)
 }
 
@@ -208,7 +208,6 @@ impl Upstreams {
         limit_bytes: usize,
         timeout: std::time::Duration,
     ) -> Result<bytes::Bytes, String> {
-        use http_body_util::BodyExt;
         let host = req.uri().host().unwrap_or_default().to_owned();
         let exchange = async {
             let (response, _) = self
@@ -219,18 +218,9 @@ impl Upstreams {
             if !status.is_success() {
                 return Err(format!("{what} answered {}", status.as_u16()));
             }
-            let unreadable = || format!("the {what}'s answer could not be read");
-            let mut body = response.into_body();
-            let mut answer = bytes::BytesMut::new();
-            while let Some(frame) = body.frame().await {
-                if let Ok(data) = frame.map_err(|_| unreadable())?.into_data() {
-                    if answer.len() + data.len() > limit_bytes {
-                        return Err(unreadable());
-                    }
-                    answer.extend_from_slice(&data);
-                }
-            }
-            Ok(answer.freeze())
+            crate::body::collect_limited(&mut response.into_body(), limit_bytes)
+                .await
+                .map_err(|_| format!("the {what}'s answer could not be read"))
         };
         tokio::time::timeout(timeout, exchange)
             .await

@@ -50,26 +50,28 @@ impl Workers {
     /// Starts one serving thread per available CPU (as the OS and cgroup quota report them).
     pub fn start() -> std::io::Result<Self> {
         let count = std::thread::available_parallelism().map_or(1, usize::from);
-        let stop = CancellationToken::new();
-        let mut handles = Vec::with_capacity(count);
+        // Built first, so that a thread failing to start drops it and stops those already
+        // running.
+        let mut workers = Self {
+            handles: Vec::with_capacity(count),
+            next: AtomicUsize::new(0),
+            stop: CancellationToken::new(),
+        };
         for index in 1..=count {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            handles.push(runtime.handle().clone());
-            let stopped = stop.clone();
+            let handle = runtime.handle().clone();
+            let stopped = workers.stop.clone();
             std::thread::Builder::new()
                 .name(format!("portcullis-serve-{index}"))
                 .spawn(move || {
                     WORKER.with(|w| w.set(index));
                     runtime.block_on(stopped.cancelled());
                 })?;
+            workers.handles.push(handle);
         }
-        Ok(Self {
-            handles,
-            next: AtomicUsize::new(0),
-            stop,
-        })
+        Ok(workers)
     }
 
     /// Ends the serving threads.
