@@ -2,7 +2,7 @@
 //! is not counted in `portcullis_upstream_errors_total` (which feeds the upstream-errors alert).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! for in everything the proxy wrote: stdout, stderr, and the bodies of responses it generated.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::process::Stdio;
 

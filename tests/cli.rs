@@ -2,7 +2,7 @@
 //! serving traffic, logging JSON, and exiting 0 on SIGTERM.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Stdio};
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! source network, report mode, and `Proxy-Authorization` never reaching an upstream.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

@@ -5,7 +5,7 @@
 //! proxy URL checked and percent-encoded; the bundle kept current.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

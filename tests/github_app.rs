@@ -5,7 +5,7 @@
 //! a malformed key is a `check` error; neither key nor token reaches any output.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 //! except the network-namespace test, whose traffic stays inside the namespace it creates.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -252,8 +252,10 @@ ports = [{pp}, {ap}]
 }
 
 const NETNS_ENV: &str = "PORTCULLIS_IN_NETNS";
-const NETNS_TEST: &str =
-    "a_listener_on_every_address_is_never_a_destination_in_a_network_namespace";
+const NETNS_TEST: &str = concat!(
+    module_path!(),
+    "::a_listener_on_every_address_is_never_a_destination_in_a_network_namespace"
+);
 
 /// A gateway listening on `0.0.0.0` in a network with a trusted client network: a request to the
 /// gateway's own interface address on its listener port is refused (else the proxy would dial

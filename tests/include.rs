@@ -5,7 +5,7 @@
 //! included file (or a new file matching a glob) reloads the running proxy.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! local TLS upstreams (test CA) reached by name through `network.resolve`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::process::Command;

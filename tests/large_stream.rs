@@ -3,7 +3,7 @@
 //! Its own test binary, so the peak RSS measured is this test's alone.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::*;
 use futures_util::StreamExt;

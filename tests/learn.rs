@@ -4,7 +4,7 @@
 //! with one learned rule removed, `--replay` exits 2 naming the event that would break.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

@@ -5,7 +5,7 @@
 //! valid token can be had and recovery afterwards, a reload that keeps the token.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -5,14 +5,14 @@
 //! are and nothing leaves the machine. Skipped, with the reason, where namespaces are unavailable.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::process::Stdio;
 
 use common::*;
 
 const ENV: &str = "PORTCULLIS_NEWCOMER_NETNS";
-const NAME: &str = "the_readme_five_minute_path_works";
+const NAME: &str = concat!(module_path!(), "::the_readme_five_minute_path_works");
 
 #[tokio::test]
 async fn the_readme_five_minute_path_works() {

@@ -2,7 +2,7 @@
 //! parsed as JSON lines, `/metrics` with a Prometheus text-format parser.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 

@@ -9,7 +9,7 @@
 //! first two tests check the test infrastructure itself, without the proxy's OIDC support.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::oidc::*;
 use common::oidc_proxy::*;

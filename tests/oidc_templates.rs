@@ -8,7 +8,7 @@
 //! writes an OIDC token, in either form, nor one a client also sends in a header or a query.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

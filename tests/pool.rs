@@ -2,7 +2,7 @@
 //! while idle is not, and one whose response was not read to the end is never reused.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

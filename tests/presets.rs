@@ -4,7 +4,7 @@
 //! configuration at all, lets a preset registry through and denies anything else.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

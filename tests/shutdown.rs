@@ -4,7 +4,7 @@
 //! intercepted tunnels, and keep-alive connections, which close only between requests.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -6,7 +6,7 @@
 //! signed); over `max_body_bytes` → 413; the key survives a restart and reaches no output.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::path::Path;

@@ -9,7 +9,7 @@
 //! namespaces or nftables are not available (CI runs it as root).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -18,13 +18,18 @@ use std::time::Duration;
 use common::*;
 
 const NETNS_ENV: &str = "PORTCULLIS_TRANSPARENT_NETNS";
-const NETNS_TEST: &str = "redirected_clients_are_held_to_the_allow_list_in_a_network_namespace";
+const NETNS_TEST: &str = concat!(
+    module_path!(),
+    "::redirected_clients_are_held_to_the_allow_list_in_a_network_namespace"
+);
 /// The user whose connections are redirected (nobody).
 const TEST_UID: &str = "65534";
 const SECRET: &str = "transparent-canary-token";
 const SCRIPT_ENV: &str = "PORTCULLIS_REDIRECT_SCRIPT_NETNS";
-const SCRIPT_TEST: &str =
-    "the_sidecar_redirect_script_holds_the_namespace_to_the_transparent_listener";
+const SCRIPT_TEST: &str = concat!(
+    module_path!(),
+    "::the_sidecar_redirect_script_holds_the_namespace_to_the_transparent_listener"
+);
 
 #[tokio::test]
 async fn redirected_clients_are_held_to_the_allow_list_in_a_network_namespace() {

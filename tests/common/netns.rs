@@ -29,8 +29,10 @@ pub fn unavailable(probes: &[&[&str]]) -> Option<String> {
 
 /// Runs test `name` of this test binary again inside `unshare -n`, with `env` set (the test
 /// checks it to know it is the inner run, and prints [`DONE`] at the end). Skips, printing why,
-/// when one of `probes` fails (`unshare -n true` is always probed first).
+/// when one of `probes` fails (`unshare -n true` is always probed first). `name` is the test's
+/// path as `module_path!()` gives it; the harness names tests without the crate's own segment.
 pub async fn rerun_in_network_namespace(name: &str, env: &str, probes: &[&[&str]]) {
+    let name = name.split_once("::").map_or(name, |(_crate, path)| path);
     let mut all: Vec<&[&str]> = vec![&["unshare", "-n", "--", "true"]];
     all.extend_from_slice(probes);
     if let Some(why) = unavailable(&all) {
