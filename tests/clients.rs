@@ -187,16 +187,30 @@ async fn missing_or_wrong_proxy_credentials_get_407_and_are_audited() {
             .body
             .contains("proxy-status: portcullis; error=http_request_denied"));
     }
+    // A refused token that the request repeats in its query is masked there too (an old,
+    // rotated token is still a secret).
+    const OLD: &str = "an-old-rotated-token-7f3a";
+    let leaky = format!("{plain}?ref={OLD}");
+    let out = curl_as(&s, &s.proxy_url("frontend", OLD), &leaky, &["-i"]).await;
+    assert_eq!(out.status, 407, "{out:?}");
     assert_eq!(s.up.count(), 0);
-    let events = s.proxy.audit_events(8).await;
+    let events = s.proxy.audit_events(9).await;
     let refused: Vec<_> = events.iter().filter(|e| e["status"] == 407).collect();
-    assert_eq!(refused.len(), 8, "{events:#?}");
+    assert_eq!(refused.len(), 9, "{events:#?}");
+    let repeated = refused
+        .iter()
+        .find(|e| e["query"].as_str().is_some_and(|q| q.starts_with("ref=")))
+        .unwrap_or_else(|| panic!("the request with the query is audited: {refused:#?}"));
+    assert!(
+        !repeated.to_string().contains(OLD),
+        "refused token in the audit event: {repeated}"
+    );
     assert!(refused
         .iter()
         .all(|e| e["client"] == "unauthenticated" && e["decision"] == "deny"));
     let metrics = s.proxy.metrics().await;
     assert!(
-        metrics.contains("portcullis_proxy_auth_failures_total{client=\"frontend\"} 4"),
+        metrics.contains("portcullis_proxy_auth_failures_total{client=\"frontend\"} 5"),
         "{metrics}"
     );
     assert!(

@@ -331,7 +331,7 @@ async fn each_invalid_token_gets_407_naming_why_and_is_counted() {
             "signature",
             iss,
         ),
-        ("not-a-jwt".to_owned(), "malformed", unconfigured),
+        ("not-a-jwt-at-all".to_owned(), "malformed", unconfigured),
         (
             s.ec.sign(&with(&|c| {
                 c["repository"] = json!("evil/app");
@@ -342,7 +342,10 @@ async fn each_invalid_token_gets_407_naming_why_and_is_counted() {
         ),
     ];
     for (i, (token, why, _)) in cases.iter().enumerate() {
-        let r = s.get(token, "main-only.test", &format!("/bad/{i}")).await;
+        // The token also in the query: refused, it is still masked there in the audit event.
+        let r = s
+            .get(token, "main-only.test", &format!("/bad/{i}?ref={token}"))
+            .await;
         assert_eq!(r.status(), 407, "{why}");
         let status = proxy_status(&r);
         assert!(

@@ -412,6 +412,21 @@ fn parse_bearer(header: &HeaderValue) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
+/// Refused credentials shorter than this are not masked elsewhere in the event: the audit line
+/// is scrubbed whole, and a short string would also match ordinary text in it.
+pub const MIN_MASKED_REFUSED_BYTES: usize = 12;
+
+/// The secret part of a `Proxy-Authorization` that was refused (a bearer token, or a Basic
+/// pair's password), so that it can be masked wherever else the request repeats it. `None` when
+/// there is none, or it is shorter than [`MIN_MASKED_REFUSED_BYTES`].
+pub fn refused_secret(header: &HeaderValue) -> Option<zeroize::Zeroizing<String>> {
+    let secret = match parse_bearer(header) {
+        Some(token) => zeroize::Zeroizing::new(token.to_owned()),
+        None => parse_basic(header)?.1,
+    };
+    (secret.len() >= MIN_MASKED_REFUSED_BYTES).then_some(secret)
+}
+
 /// `Basic base64(name:token)` → (name, token).
 fn parse_basic(header: &HeaderValue) -> Option<(String, zeroize::Zeroizing<String>)> {
     let text = header.to_str().ok()?;
@@ -432,6 +447,30 @@ fn parse_basic(header: &HeaderValue) -> Option<(String, zeroize::Zeroizing<Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_bearer_token_or_basic_password_is_its_secret_when_long_enough() {
+        let header = |s: &str| HeaderValue::from_str(s).unwrap();
+        let basic = |pair: &str| {
+            header(&format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(pair)
+            ))
+        };
+        let secret = |h: &HeaderValue| refused_secret(h).map(|s| s.as_str().to_owned());
+        assert_eq!(
+            secret(&header("Bearer eyJhbGciOi.eyJzdWIi.c2ln")).as_deref(),
+            Some("eyJhbGciOi.eyJzdWIi.c2ln")
+        );
+        assert_eq!(
+            secret(&basic("ci:old-rotated-token")).as_deref(),
+            Some("old-rotated-token")
+        );
+        assert_eq!(secret(&basic("ci:short")), None, "under the minimum");
+        assert_eq!(secret(&header("Bearer abc")), None);
+        assert_eq!(secret(&header("Digest whatever-this-is-long")), None);
+        assert_eq!(secret(&header("Basic %%%not-base64%%%")), None);
+    }
     use crate::config::{parse, Origin};
 
     /// `identify`, for requests that present no OIDC token.

@@ -15,6 +15,8 @@
 //! 6. **audit + metrics**: [`super::outcome::respond`] turns a failure into its response and
 //!    finishes the record when the response body ends.
 
+use std::sync::Arc;
+
 use http::header::PROXY_AUTHORIZATION;
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
@@ -26,6 +28,7 @@ use super::outcome;
 use super::request::{self, Origin};
 use super::state::{ConnCtx, Snapshot};
 use crate::body::Body;
+use crate::credentials::Echoes;
 use crate::error::ProxyError;
 use crate::identity::{AuthFailure, Identity, Presented};
 use crate::telemetry::{Kind, Record};
@@ -116,6 +119,12 @@ async fn identify(
             Ok(identity)
         }
         Err(failure) => {
+            // The refused token may be repeated elsewhere in the request (a query parameter): it
+            // is masked there too, as an accepted one would be.
+            let refused = proxy_authorization.and_then(crate::identity::refused_secret);
+            if let Some(echoes) = refused.and_then(|s| Echoes::new(&[s.as_bytes()])) {
+                record.runtime_secret(Arc::new(echoes));
+            }
             conn.state
                 .telemetry
                 .metrics
