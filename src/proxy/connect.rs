@@ -188,7 +188,9 @@ pub async fn run<C>(
         }
     };
     // The hard stop first: at the end of the grace period the work may finish in the same
-    // instant (an intercepted connection returns when it is cut), and it was still cut.
+    // instant, and it was still cut. (An intercepted connection also says so itself: its own
+    // watch of the hard stop, polled on this thread, can see the cancel another thread makes
+    // after this select looked.)
     let error = tokio::select! {
         biased;
         () = stop.cancelled() => Some(TunnelEnd::Shutdown.as_str().to_owned()),

@@ -22,7 +22,8 @@ use super::headers::close_after;
 use super::keepalive::{ConnTimer, CountingIo, IoCounter};
 use super::outcome;
 use super::request::{self, Origin, TunnelTarget};
-use super::state::ConnCtx;
+use super::state::{ConnCtx, Driven};
+use super::tunnel::TunnelEnd;
 use crate::body::Body;
 use crate::identity::Identity;
 use crate::telemetry::{Kind, Record};
@@ -119,7 +120,8 @@ where
     let conn = builder.serve_connection(io, service);
     let result = state.drive(conn, &inner, |c| c.graceful_shutdown()).await;
     match result {
-        Ok(()) => None,
+        Ok(Driven::Ended) => None,
+        Ok(Driven::Cut) => Some(TunnelEnd::Shutdown.as_str().to_owned()),
         Err(e) => {
             tracing::debug!(error = %e, "intercepted connection ended with an error");
             Some(e.to_string())

@@ -183,26 +183,28 @@ impl State {
     /// quiet — no byte from the client, per `counter` — for [`LINGER`], `graceful_shutdown`
     /// (hyper's method of the connection type at hand) closes it if idle, or after the request
     /// in flight. Closing an idle keep-alive connection at once would race a request the client
-    /// is sending at that instant. When the grace period is over it is cut.
+    /// is sending at that instant. When the grace period is over it is cut, and says so: the
+    /// caller cannot tell by looking at the hard stop afterwards, since another thread may cancel
+    /// it just after a connection ended on its own.
     pub async fn drive<C, E>(
         &self,
         conn: C,
         counter: &IoCounter,
         graceful_shutdown: impl FnOnce(Pin<&mut C>),
-    ) -> Result<(), E>
+    ) -> Result<Driven, E>
     where
         C: Future<Output = Result<(), E>>,
     {
         tokio::pin!(conn);
         tokio::select! {
-            result = conn.as_mut() => return result,
+            result = conn.as_mut() => return result.map(|()| Driven::Ended),
             () = self.drain.cancelled() => {}
         }
         let mut seen = counter.read();
         loop {
             tokio::select! {
-                result = conn.as_mut() => return result,
-                () = self.hard_stop.cancelled() => return Ok(()),
+                result = conn.as_mut() => return result.map(|()| Driven::Ended),
+                () = self.hard_stop.cancelled() => return Ok(Driven::Cut),
                 () = tokio::time::sleep(LINGER) => {}
             }
             let now = counter.read();
@@ -213,10 +215,19 @@ impl State {
         }
         graceful_shutdown(conn.as_mut());
         tokio::select! {
-            result = conn.as_mut() => result,
-            () = self.hard_stop.cancelled() => Ok(()),
+            result = conn.as_mut() => result.map(|()| Driven::Ended),
+            () = self.hard_stop.cancelled() => Ok(Driven::Cut),
         }
     }
+}
+
+/// How a connection run by [`State::drive`] ended, when it ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driven {
+    /// It finished: the client closed it, or it was closed between requests while draining.
+    Ended,
+    /// The shutdown grace period ended first and it was cut.
+    Cut,
 }
 
 /// What a request handler knows about its client connection.
