@@ -845,6 +845,9 @@ fn alert_unit_tests_cover_the_tunnel_only_alerts_with_exported_series() {
                     assert_eq!(keys, ["issuer", "result"], "{selector}");
                     assert!(portcullis::telemetry::OIDC_RESULTS.contains(&label("result")));
                 }
+                "portcullis_audit_write_errors_total" => {
+                    assert!(keys.is_empty(), "{selector}: unlabelled");
+                }
                 TUNNELS => {
                     assert_eq!(keys, ["client", "decision", "rule"], "{selector}");
                     assert!(["allow", "deny", "would_deny"].contains(&label("decision")));
@@ -866,6 +869,7 @@ fn alert_unit_tests_cover_the_tunnel_only_alerts_with_exported_series() {
         "PortcullisUpstreamErrors",
         "PortcullisDenialSpike",
         "PortcullisOidcRejections",
+        "PortcullisAuditWriteErrors",
     ] {
         assert!(firing.contains(alert), "no test where {alert} fires");
     }

@@ -5,6 +5,7 @@
 use crate::common;
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
@@ -646,5 +647,52 @@ ports = [{refused}]
     ] {
         assert!(has_line(&text, line), "{line} missing:\n{text}");
     }
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_audit_output_that_refuses_writes_is_counted_and_traffic_goes_on() {
+    // /dev/full opens, and refuses every write with ENOSPC: a full disk.
+    let up = http_upstream().await;
+    let proxy = start_proxy(&format!(
+        r#"
+[audit]
+output = "/dev/full"
+[network]
+allow_cidrs = ["127.0.0.0/8"]
+resolve = {{ "plain.test" = ["127.0.0.1"] }}
+[[hosts]]
+host = "plain.test"
+ports = [{}]
+"#,
+        up.port()
+    ))
+    .await;
+    assert_eq!(
+        proxy.metric("portcullis_audit_write_errors_total").await,
+        Some(0.0),
+        "there from the start"
+    );
+    let client = proxied_client(&proxy.url());
+    for i in 0..3 {
+        let r = client
+            .get(format!("http://plain.test:{}/{i}", up.port()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    eventually(
+        "the failed writes are counted",
+        Duration::from_secs(5),
+        || async {
+            proxy
+                .metric("portcullis_audit_write_errors_total")
+                .await
+                .is_some_and(|n| n >= 1.0)
+        },
+    )
+    .await;
+    assert_eq!(up.count(), 3);
     proxy.stop().await;
 }

@@ -171,7 +171,11 @@ pub async fn start(config: Config) -> Result<ProxyHandle, ServerError> {
     let max_connections = config.limits.max_connections;
     let grace = config.limits.shutdown_grace;
     let metrics = Metrics::new()?;
-    let audit = AuditSink::start(&config.audit.output, metrics.audit_dropped.clone())?;
+    let audit = AuditSink::start(
+        &config.audit.output,
+        metrics.audit_dropped.clone(),
+        metrics.audit_write_errors.clone(),
+    )?;
     let snapshot = Snapshot::build(config, own.clone()).map_err(|e| match e {
         state::BuildError::Tls(e) => ServerError::Tls(e),
         state::BuildError::Signing(e) => ServerError::Signing(e),

@@ -26,7 +26,7 @@ use crate::telemetry::event::Decision;
 
 /// Every metric family the proxy exports (histograms also as `_bucket`, `_sum`, `_count`), besides
 /// the process collector's `process_*` families. Dashboards and alert rules may use only these.
-pub const EXPORTED: [&str; 18] = [
+pub const EXPORTED: [&str; 19] = [
     "portcullis_requests_total",
     "portcullis_request_duration_seconds",
     "portcullis_tunnels_total",
@@ -40,6 +40,7 @@ pub const EXPORTED: [&str; 18] = [
     "portcullis_config_reloads_total",
     "portcullis_build_info",
     "portcullis_audit_events_dropped_total",
+    "portcullis_audit_write_errors_total",
     "portcullis_proxy_auth_failures_total",
     "portcullis_certificate_errors_total",
     "portcullis_credential_refreshes_total",
@@ -111,6 +112,8 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// `portcullis_audit_events_dropped_total`: events lost because the audit queue was full.
     pub audit_dropped: IntCounter,
+    /// `portcullis_audit_write_errors_total`: writes to the audit output that failed.
+    pub audit_write_errors: IntCounter,
     /// `portcullis_proxy_auth_failures_total{client}`: wrong or missing proxy credentials.
     pub auth_failures: IntCounterVec,
     /// `portcullis_oidc_verifications_total{issuer, result}`: OIDC tokens verified (a token
@@ -247,6 +250,10 @@ impl Metrics {
             audit_dropped: counter(
                 "portcullis_audit_events_dropped_total",
                 "Audit events dropped because the audit queue was full.",
+            )?,
+            audit_write_errors: counter(
+                "portcullis_audit_write_errors_total",
+                "Writes to the audit output that failed (disk full, closed pipe); the events in them are lost.",
             )?,
             credential_refreshes: counter_vec(
                 "portcullis_credential_refreshes_total",

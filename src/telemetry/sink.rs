@@ -3,7 +3,8 @@
 //!
 //! Writing happens off the request path: when the queue is full the event is dropped, counted in
 //! `portcullis_audit_events_dropped_total` and reported in the log — traffic never stalls on a
-//! slow disk.
+//! slow disk. A write the output refuses (disk full, a closed pipe) is counted in
+//! `portcullis_audit_write_errors_total` and logged once per run of failures.
 
 use std::fs::OpenOptions;
 use std::io::{BufWriter, Write};
@@ -76,15 +77,26 @@ fn open(output: &AuditOutput) -> Result<Output, AuditError> {
 
 impl AuditSink {
     /// Opens `output` and starts the writer thread.
+    /// `dropped` counts events the full queue dropped, `write_errors` writes the output failed.
     pub fn start(
         output: &AuditOutput,
         dropped: prometheus::IntCounter,
+        write_errors: prometheus::IntCounter,
     ) -> Result<Self, AuditError> {
         let out = open(output)?;
         let (tx, rx) = sync_channel(QUEUE_EVENTS);
         let writer = std::thread::Builder::new()
             .name("portcullis-audit".into())
-            .spawn(move || write_loop(out, rx))
+            .spawn(move || {
+                write_loop(
+                    Writer {
+                        out,
+                        errors: write_errors,
+                        failing: false,
+                    },
+                    rx,
+                )
+            })
             .map_err(|e| AuditError {
                 path: "audit writer thread".into(),
                 reason: e.to_string(),
@@ -152,8 +164,38 @@ impl AuditSink {
 /// event, which at tens of thousands of events a second costs more than writing them.
 const BATCH_NAP: std::time::Duration = std::time::Duration::from_millis(5);
 
-fn write_loop(mut out: Output, rx: Receiver<Message>) {
-    let mut failing = false;
+/// The output and the counter its failures go to.
+struct Writer {
+    out: Output,
+    errors: prometheus::IntCounter,
+    /// Whether the last write failed: a run of failures is logged once, and every one counted.
+    failing: bool,
+}
+
+impl Writer {
+    fn settle(&mut self, result: std::io::Result<()>) {
+        match result {
+            Ok(()) => self.failing = false,
+            Err(e) => {
+                self.errors.inc();
+                if !self.failing {
+                    self.failing = true;
+                    tracing::error!(
+                        error = %e,
+                        "cannot write audit events (see portcullis_audit_write_errors_total)"
+                    );
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        let result = self.out.flush();
+        self.settle(result);
+    }
+}
+
+fn write_loop(mut w: Writer, rx: Receiver<Message>) {
     let mut line = String::with_capacity(1024);
     let mut busy = false;
     loop {
@@ -197,32 +239,25 @@ fn write_loop(mut out: Output, rx: Receiver<Message>) {
                                 }
                             }
                             line.push('\n');
-                            out.write_all(line.as_bytes())
+                            w.out.write_all(line.as_bytes())
                         });
-                    match result {
-                        Err(e) if !failing => {
-                            failing = true;
-                            tracing::error!(error = %e, "cannot write audit event");
-                        }
-                        Ok(()) => failing = false,
-                        Err(_) => {}
-                    }
+                    w.settle(result);
                 }
                 Message::Reopen(output) => {
-                    let _ = out.flush();
+                    w.flush();
                     match open(&output) {
-                        Ok(new) => out = new,
+                        Ok(new) => w.out = new,
                         Err(e) => tracing::error!(error = %e, "audit output not reopened"),
                     }
                 }
                 Message::Shutdown => {
-                    let _ = out.flush();
+                    w.flush();
                     return;
                 }
             }
             next = rx.try_recv().ok();
         }
-        let _ = out.flush();
+        w.flush();
     }
-    let _ = out.flush();
+    w.flush();
 }
