@@ -105,6 +105,21 @@ fn environment_overrides_the_file() {
         stderr.contains("environment") && stderr.contains("limits.nope"),
         "{stderr}"
     );
+
+    // A value the file does not have, set wrong by a variable: the variable is named.
+    let out = Command::new(BIN)
+        .args(["check", "-c", path.to_str().unwrap()])
+        .env("PORTCULLIS_LIMITS__MAX_CONNECTIONS", "0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "environment variable PORTCULLIS_LIMITS__MAX_CONNECTIONS: limits.max_connections: must be at least 1"
+        ),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -56,23 +56,32 @@ impl fmt::Display for ConfigErrors {
 /// reports every mistake in a file at once.
 pub(super) struct Problems {
     origin: String,
+    /// Keys an environment variable set (dotted path, variable name): a problem with one of them,
+    /// or with a key inside it, is the variable's, not the file's.
+    overrides: Vec<(String, String)>,
     list: Vec<ConfigError>,
 }
 
 impl Problems {
-    /// An empty list for a config from `origin`.
-    pub(super) fn new(origin: &Origin) -> Self {
+    /// An empty list for a config from `origin`, with `overrides` as [`env_overrides`] gives them.
+    pub(super) fn new(origin: &Origin, overrides: Vec<(String, String)>) -> Self {
         Self {
             origin: origin.to_string(),
+            overrides,
             list: Vec::new(),
         }
     }
 
     /// Records that the value at `key` is wrong.
     pub(super) fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        let key = key.into();
+        let origin = match self.overrides.iter().find(|(k, _)| within(&key, k)) {
+            Some((_, variable)) => format!("environment variable {variable}"),
+            None => self.origin.clone(),
+        };
         self.list.push(ConfigError {
-            origin: self.origin.clone(),
-            key: Some(key.into()),
+            origin,
+            key: Some(key),
             position: None,
             message: message.into(),
         });
@@ -91,6 +100,31 @@ impl Problems {
             Err(ConfigErrors(self.list))
         }
     }
+}
+
+/// Whether `key` is `outer` or a key inside it (`limits.x` is within `limits`, `hosts[0].x` within
+/// `hosts`, `listener` is not within `listen`).
+fn within(key: &str, outer: &str) -> bool {
+    key.strip_prefix(outer)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.') || rest.starts_with('['))
+}
+
+/// The config keys that the `PORTCULLIS_<SECTION>__<KEY>` variables among `names` set, as dotted
+/// paths the way figment reads them (lowercased, `__` → `.`), each with its variable's name.
+pub(super) fn env_overrides(names: impl Iterator<Item = String>) -> Vec<(String, String)> {
+    names
+        .filter_map(|name| {
+            let rest = name.strip_prefix(ENV_PREFIX)?;
+            rest.contains("__").then(|| {
+                let key = rest
+                    .split("__")
+                    .map(str::to_ascii_lowercase)
+                    .collect::<Vec<_>>()
+                    .join(".");
+                (key, name.clone())
+            })
+        })
+        .collect()
 }
 
 /// A TOML syntax error, keeping toml's message and position only: its `Display` quotes the
@@ -201,6 +235,50 @@ fn describe(actual: &figment::error::Actual) -> &'static str {
 mod tests {
     use super::*;
     use crate::config::tests::parse_str;
+
+    #[test]
+    fn a_problem_with_a_key_an_environment_variable_set_is_the_variables() {
+        let overrides = env_overrides(
+            [
+                "PORTCULLIS_LIMITS__MAX_CONNECTIONS",
+                "PORTCULLIS_CONFIG",
+                "PORTCULLIS_AUDIT",
+                "HOME",
+                "PORTCULLIS_Listen__Proxy",
+            ]
+            .into_iter()
+            .map(String::from),
+        );
+        assert_eq!(
+            overrides,
+            [
+                (
+                    "limits.max_connections".to_owned(),
+                    "PORTCULLIS_LIMITS__MAX_CONNECTIONS".to_owned()
+                ),
+                (
+                    "listen.proxy".to_owned(),
+                    "PORTCULLIS_Listen__Proxy".to_owned()
+                ),
+            ]
+        );
+        let mut p = Problems::new(&Origin::File("p.toml".into()), overrides);
+        p.add("limits.max_connections", "must be at least 1");
+        p.add("listen.proxy_protocol", "x");
+        p.add("limits.idle_timeout_seconds", "y");
+        let origins: Vec<String> = p.list.iter().map(|e| e.origin.clone()).collect();
+        assert_eq!(
+            origins,
+            [
+                "environment variable PORTCULLIS_LIMITS__MAX_CONNECTIONS",
+                "p.toml",
+                "p.toml"
+            ]
+        );
+        assert!(within("hosts[0].host", "hosts"));
+        assert!(within("limits", "limits"));
+        assert!(!within("listener", "listen"));
+    }
 
     #[test]
     fn syntax_errors_have_line_and_column_and_no_value() {

@@ -250,7 +250,13 @@ fn parse_with(
                 .collect(),
         )
     })?;
-    validate::validate(raw, origin, base, secrets)
+    // Validation names the variable, not the file, for a key an override set.
+    let overrides = if env {
+        error::env_overrides(std::env::vars_os().filter_map(|(name, _)| name.into_string().ok()))
+    } else {
+        Vec::new()
+    };
+    validate::validate(raw, origin, base, secrets, overrides)
 }
 
 #[cfg(test)]

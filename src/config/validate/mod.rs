@@ -37,8 +37,9 @@ pub(super) fn validate(
     origin: Origin,
     base: &Path,
     secrets: Secrets,
+    overrides: Vec<(String, String)>,
 ) -> Result<Config, ConfigErrors> {
-    let mut p = Problems::new(&origin);
+    let mut p = Problems::new(&origin, overrides);
     let mut warnings = Vec::new();
     let mut secret_files = Vec::new();
 
