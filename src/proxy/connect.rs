@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use futures_util::TryFutureExt;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -114,47 +115,41 @@ pub fn start(
     mut record: Record,
 ) -> Response<Body> {
     record.event.status = Some(200);
-    let on_upgrade = hyper::upgrade::on(req);
-    let conn = conn.clone();
+    let client = hyper::upgrade::on(req).map_ok(TokioIo::new);
     let limits = snap.config.limits.clone();
-    let state = conn.state.clone();
-    state.tasks.spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                run(
-                    conn,
-                    identity,
-                    opened,
-                    TokioIo::new(upgraded),
-                    limits,
-                    record,
-                )
-                .await
-            }
-            Err(e) => {
-                let error = Some(format!("CONNECT upgrade failed: {e}"));
-                record.finish_tunnel(&conn.state.telemetry, 0, 0, error);
-            }
-        }
-    });
+    conn.state
+        .tasks
+        .spawn(run(conn.clone(), identity, opened, client, limits, record));
     let mut response = Response::new(body::empty());
     *response.status_mut() = StatusCode::OK;
     response
 }
 
-/// Runs an opened tunnel over the client's connection `client` (a CONNECT's upgraded
-/// connection, or a redirected socket in transparent mode) until it ends — or the shutdown grace
-/// period does — then writes its record with the bytes it moved.
-pub async fn run<C>(
+/// Runs an opened tunnel over the client's connection, once `client` gives it (a CONNECT's
+/// upgraded connection, or a redirected socket in transparent mode), until it ends — or the
+/// shutdown grace period does — then writes its record with the bytes it moved.
+///
+/// One future from the upgrade to the end: an idle tunnel's memory is this future, so nothing
+/// it holds is stored twice (a wrapper awaiting it would keep its own copy of the arguments).
+pub async fn run<C, E>(
     conn: ConnCtx,
     identity: Identity,
     opened: Opened,
-    client: C,
+    client: impl std::future::Future<Output = Result<C, E>>,
     limits: crate::config::Limits,
     record: Record,
 ) where
     C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    E: std::fmt::Display,
 {
+    let client = match client.await {
+        Ok(client) => client,
+        Err(e) => {
+            let error = Some(format!("CONNECT upgrade failed: {e}"));
+            record.finish_tunnel(&conn.state.telemetry, 0, 0, error);
+            return;
+        }
+    };
     let telemetry = conn.state.telemetry.clone();
     let stop = conn.state.hard_stop.clone();
     let _active = Gauged::new(&telemetry.metrics.active_tunnels);
@@ -165,7 +160,16 @@ pub async fn run<C>(
     let work = async {
         match opened {
             Opened::Intercept(target, tls) => {
-                intercept::serve(conn.clone(), identity, target, client, tls).await
+                // Boxed: the interception future is several times a relay's, and an idle
+                // tunnel should not carry its size.
+                Box::pin(intercept::serve(
+                    conn.clone(),
+                    identity,
+                    target,
+                    client,
+                    tls,
+                ))
+                .await
             }
             Opened::Tunnel(target, dialed) => {
                 let idle = limits.idle_timeout;
@@ -191,10 +195,12 @@ pub async fn run<C>(
     // instant, and it was still cut. (An intercepted connection also says so itself: its own
     // watch of the hard stop, polled on this thread, can see the cancel another thread makes
     // after this select looked.)
+    // Pinned and polled by reference: moved into `select!` it would be stored twice.
+    tokio::pin!(work);
     let error = tokio::select! {
         biased;
         () = stop.cancelled() => Some(TunnelEnd::Shutdown.as_str().to_owned()),
-        error = work => error,
+        error = &mut work => error,
     };
     let (up, down) = (counter.read(), counter.written());
     record.finish_tunnel(&telemetry, up, down, error);

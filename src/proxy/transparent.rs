@@ -165,6 +165,7 @@ async fn serve_tls(conn: ConnCtx, stream: TcpStream, original: SocketAddr, sni: 
             record.event.status = Some(200);
             let limits = snap.config.limits.clone();
             drop(snap);
+            let stream = std::future::ready(Ok::<_, std::convert::Infallible>(stream));
             connect::run(conn, identity, opened, stream, limits, record).await;
         }
         Err(err) => {

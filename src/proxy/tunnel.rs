@@ -137,8 +137,11 @@ where
             tokio::time::sleep_until(deadline).await;
         }
     };
+    // Pinned here and polled by reference: moved into `try_join!` (and the block around it),
+    // each would be stored again in this future, which is the idle tunnel's memory.
+    tokio::pin!(up, down);
     tokio::select! {
-        result = async { tokio::try_join!(up, down) } => match result {
+        result = async { tokio::try_join!(&mut up, &mut down) } => match result {
             Ok(_) => TunnelEnd::Closed,
             Err(end) => end,
         },
