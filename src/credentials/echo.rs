@@ -232,7 +232,10 @@ mod tests {
         );
         let mut text = format!("before {secret} after").into_bytes();
         assert!(echoes.mask(&mut text));
-        assert_eq!(text, format!("before {} after", "*".repeat(secret.len())).as_bytes());
+        assert_eq!(
+            text,
+            format!("before {} after", "*".repeat(secret.len())).as_bytes()
+        );
     }
 
     #[test]
@@ -291,4 +294,3 @@ mod tests {
         assert_eq!(h["content-type"], "text/plain");
     }
 }
-
