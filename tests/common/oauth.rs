@@ -48,6 +48,9 @@ pub struct TokenServer {
     pub seen: Mutex<Vec<MintSeen>>,
     /// Answers are delayed this long (ms), so concurrent first requests overlap.
     pub delay_ms: AtomicU64,
+    /// The last token a protected resource accepted: one the proxy has received and injected
+    /// (the newest issued one may still be on its way to the proxy).
+    pub used: Mutex<Option<String>>,
 }
 
 impl TokenServer {
@@ -230,6 +233,7 @@ async fn protected(
         .map(str::to_owned);
     match bearer {
         Some(t) if tokens.accepts(&t) => {
+            *tokens.used.lock().unwrap() = Some(t.clone());
             if req.uri().path() == "/echo" {
                 text(StatusCode::OK, format!("you sent Bearer {t}"))
             } else {
