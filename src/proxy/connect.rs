@@ -191,12 +191,12 @@ pub async fn run<C, E>(
             }
         }
     };
+    // Pinned and polled by reference: moved into `select!` it would be stored twice.
+    tokio::pin!(work);
     // The hard stop first: at the end of the grace period the work may finish in the same
     // instant, and it was still cut. (An intercepted connection also says so itself: its own
     // watch of the hard stop, polled on this thread, can see the cancel another thread makes
     // after this select looked.)
-    // Pinned and polled by reference: moved into `select!` it would be stored twice.
-    tokio::pin!(work);
     let error = tokio::select! {
         biased;
         () = stop.cancelled() => Some(TunnelEnd::Shutdown.as_str().to_owned()),
