@@ -124,6 +124,38 @@ fn includes_merge_in_order_with_relative_paths_and_errors_name_the_files() {
     let (code, _, stderr) = check(d);
     assert_eq!(code, 1);
     assert!(stderr.contains("broken.toml"), "{stderr}");
+
+    // A wrong type, and a value validation refuses, in an included file's section: each error
+    // names that file, not the one including it.
+    write(d, "limits.toml", "[limits]\nmax_connections = \"many\"\n");
+    write(
+        d,
+        "portcullis.toml",
+        "include = [\"limits.toml\"]\n[listen]\nproxy = \"127.0.0.1:3999\"\n",
+    );
+    let (code, _, stderr) = check(d);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("limits.toml: limits.max_connections: expected"),
+        "{stderr}"
+    );
+    write(d, "limits.toml", "[limits]\nmax_connections = 0\n");
+    let (code, _, stderr) = check(d);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("limits.toml: limits.max_connections: must be at least 1"),
+        "{stderr}"
+    );
+    // The including file's own key stays its own.
+    write(d, "limits.toml", "[limits]\nmax_connections = 10\n");
+    write(
+        d,
+        "portcullis.toml",
+        "include = [\"limits.toml\"]\n[listen]\nproxy = \"nowhere\"\n",
+    );
+    let (code, _, stderr) = check(d);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("portcullis.toml: listen.proxy"), "{stderr}");
 }
 
 #[tokio::test]

@@ -104,7 +104,7 @@ impl Problems {
 
 /// Whether `key` is `outer` or a key inside it (`limits.x` is within `limits`, `hosts[0].x` within
 /// `hosts`, `listener` is not within `listen`).
-fn within(key: &str, outer: &str) -> bool {
+pub(super) fn within(key: &str, outer: &str) -> bool {
     key.strip_prefix(outer)
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('.') || rest.starts_with('['))
 }

@@ -30,6 +30,8 @@ pub struct Assembled {
     pub watched: Vec<PathBuf>,
     /// For each `hosts` and `clients` entry of the merged table, the file it came from.
     pub origins: BTreeMap<&'static str, Vec<PathBuf>>,
+    /// Every other key (dotted path, tables and the keys inside them) and the file that set it.
+    pub setters: BTreeMap<String, PathBuf>,
     /// Whether anything was included (else the file's own text can be used as it is).
     pub included: bool,
 }
@@ -49,6 +51,7 @@ pub fn assemble(path: &Path, text: &str) -> Result<Assembled, ConfigErrors> {
         table: Table::new(),
         watched: Vec::new(),
         origins: BTreeMap::new(),
+        setters: BTreeMap::new(),
         included: false,
     };
     let mut setters = BTreeMap::new();
@@ -60,6 +63,7 @@ pub fn assemble(path: &Path, text: &str) -> Result<Assembled, ConfigErrors> {
         &mut assembled,
         &mut setters,
     )?;
+    assembled.setters = setters;
     Ok(assembled)
 }
 

@@ -97,7 +97,7 @@ fn load_with(path: Option<&Path>, secrets: Secrets) -> Result<Config, ConfigErro
             let merged = toml::to_string(&assembled.table)
                 .map_err(|e| file_error(format!("cannot merge the included files: {e}")))?;
             let mut config = parse_with(&merged, Origin::File(path.clone()), &base, true, secrets)
-                .map_err(|errors| name_included_origins(errors, &path, &assembled.origins))?;
+                .map_err(|errors| name_included_origins(errors, &path, &assembled))?;
             // Every included file (and glob folder) is watched like the main one.
             config.secret_files.extend(assembled.watched);
             Ok(config)
@@ -177,24 +177,35 @@ fn one_of_choices(table: &toml::Table, origin: &str) -> Vec<ConfigError> {
     errors
 }
 
-/// Errors about a `hosts` or `clients` entry name the file the entry came from.
+/// Errors name the file that set the key: for a `hosts` or `clients` entry the file the entry
+/// came from, for any other key the one file that set it (or the table around it). A key an
+/// environment variable set stays the variable's.
 fn name_included_origins(
     mut errors: ConfigErrors,
     root: &Path,
-    origins: &std::collections::BTreeMap<&'static str, Vec<PathBuf>>,
+    assembled: &include::Assembled,
 ) -> ConfigErrors {
     for e in &mut errors.0 {
         let Some(key) = &e.key else { continue };
-        for (list, files) in origins {
-            let Some(rest) = key.strip_prefix(&format!("{list}[")) else {
-                continue;
-            };
-            let index = rest.split(']').next().and_then(|i| i.parse::<usize>().ok());
-            if let Some(file) = index.and_then(|i| files.get(i)) {
-                if file != root {
-                    e.origin = file.display().to_string();
-                }
-            }
+        if e.origin.starts_with("environment") {
+            continue;
+        }
+        let entry = assembled.origins.iter().find_map(|(list, files)| {
+            let rest = key.strip_prefix(&format!("{list}["))?;
+            let index = rest.split(']').next()?.parse::<usize>().ok()?;
+            files.get(index)
+        });
+        // Otherwise the longest key set by a file that holds this one.
+        let file = entry.or_else(|| {
+            assembled
+                .setters
+                .iter()
+                .filter(|(set, _)| error::within(key, set))
+                .max_by_key(|(set, _)| set.len())
+                .map(|(_, file)| file)
+        });
+        if let Some(file) = file.filter(|f| *f != root) {
+            e.origin = file.display().to_string();
         }
     }
     errors
