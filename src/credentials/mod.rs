@@ -22,7 +22,7 @@ use http::{HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-pub use echo::{encoded_forms, Echoes, Masked};
+pub use echo::{encoded_forms, secret_matcher, Echoes, Masked};
 pub use github_app::{GithubApp, GithubAppSpec, RepositoryId};
 pub use oauth2::{ClientAuth, OAuth2, OAuth2Spec};
 pub use secret::{Secret, SecretError, SecretSource};

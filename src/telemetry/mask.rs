@@ -7,7 +7,7 @@
 use std::borrow::Cow;
 use std::collections::HashSet;
 
-use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
+use aho_corasick::AhoCorasick;
 use http::{HeaderMap, HeaderName};
 use percent_encoding::percent_decode_str;
 use zeroize::Zeroizing;
@@ -157,15 +157,7 @@ impl Masker {
         // Longest first: the order the one-by-one fallback needs (the automaton does not care).
         secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
         secrets.dedup();
-        // A contiguous NFA: the DFA the builder picks for a few dozen patterns takes memory
-        // in proportion to their length × the alphabet — 3.5 MB and 13 ms for one GitHub App
-        // key, in every configuration snapshot — and scrubs an audit line no faster (~90 ns
-        // with its prefilter either way).
-        let built = AhoCorasick::builder()
-            .kind(Some(AhoCorasickKind::ContiguousNFA))
-            .match_kind(MatchKind::LeftmostLongest)
-            .build(secrets.iter().map(|s| s.as_bytes()));
-        match built {
+        match crate::credentials::secret_matcher(secrets.iter().map(|s| s.as_bytes())) {
             Ok(automaton) => Secrets::Automaton(automaton),
             Err(e) => {
                 tracing::error!(error = %e, "secret masking falls back to one secret at a time");
