@@ -23,6 +23,17 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// How an origin that is the environment begins (`environment (…)` for a type error in an
+/// override, `environment variable NAME` for a value validation refused).
+const ENVIRONMENT: &str = "environment";
+
+impl ConfigError {
+    /// Whether the problem is in an environment override rather than a file.
+    pub fn from_environment(&self) -> bool {
+        self.origin.starts_with(ENVIRONMENT)
+    }
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.origin)?;
@@ -76,7 +87,7 @@ impl Problems {
     pub(super) fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
         let key = key.into();
         let origin = match self.overrides.iter().find(|(k, _)| within(&key, k)) {
-            Some((_, variable)) => format!("environment variable {variable}"),
+            Some((_, variable)) => format!("{ENVIRONMENT} variable {variable}"),
             None => self.origin.clone(),
         };
         self.list.push(ConfigError {
@@ -204,7 +215,7 @@ pub(super) fn figment_error(e: figment::Error, origin: &str) -> ConfigError {
         other => other.to_string(),
     };
     let origin = if from_env {
-        format!("environment ({ENV_PREFIX}<SECTION>__<KEY>)")
+        format!("{ENVIRONMENT} ({ENV_PREFIX}<SECTION>__<KEY>)")
     } else {
         origin.to_owned()
     };

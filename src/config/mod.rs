@@ -187,7 +187,7 @@ fn name_included_origins(
 ) -> ConfigErrors {
     for e in &mut errors.0 {
         let Some(key) = &e.key else { continue };
-        if e.origin.starts_with("environment") {
+        if e.from_environment() {
             continue;
         }
         let entry = assembled.origins.iter().find_map(|(list, files)| {
